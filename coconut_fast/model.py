@@ -1,0 +1,225 @@
+"""`CoconutModel`: a Coconut wrapper over an HF causal LM (GPT-2, Llama, Qwen2, Qwen3, Mistral)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from . import generation
+from .passes import Backbone, run_passes
+from .reference import causal_lm_loss, default_position_ids
+from . import tokens
+from .tokens import LATENT_TOKENS, latent_ids
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+COCONUT_CONFIG = "coconut_config.json"
+OFFICIAL_PREFIX = "base_causallm."
+# Buffers older transformers saved in state dicts; they carry no weights.
+IGNORED_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+@dataclass
+class CoconutOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+
+
+def align_first_latents(latent_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Right-shift per sample that puts every sample's first latent in the same column.
+
+    Returns (shift [B], aligned width). Samples without latents are not shifted. With the
+    first latents aligned, k latents take k single-column passes whatever the prompt lengths.
+    """
+    B, T = latent_mask.shape
+    has = latent_mask.any(1)
+    first = latent_mask.int().argmax(1)
+    target = torch.where(has, first, 0).max()
+    shift = torch.where(has, target - first, 0)
+    return shift, T + int(shift.max())
+
+
+def shift_columns(x: torch.Tensor, shift: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """Move row b of x right by shift[b] into a [B, width, ...] tensor filled with `fill`."""
+    idx = torch.arange(x.shape[1], device=x.device)[None] + shift[:, None]
+    out = x.new_full((x.shape[0], width, *x.shape[2:]), fill)
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return out.scatter(1, idx, x)
+
+
+def unshift_columns(x: torch.Tensor, shift: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of `shift_columns`: the `length` original columns of each row."""
+    idx = torch.arange(length, device=x.device)[None] + shift[:, None]
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+class CoconutModel(nn.Module):
+    """An HF causal LM that reasons in continuous thoughts between `<bot>` and `<eot>`."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.latent_ids = latent_ids(tokenizer)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        top = max(self.latent_ids.start, self.latent_ids.latent, self.latent_ids.end)
+        if top >= vocab:
+            raise ValueError(
+                f"tokenizer's latent token id {top} is outside the model's embedding matrix ({vocab} rows); "
+                "resize the model's token embeddings or load with add_latent_tokens=True"
+            )
+        family = getattr(model.config, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            logger.warning("model family %r is not among the tested families %s", family, SUPPORTED_FAMILIES)
+        self.backbone = Backbone(model)
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_model,
+        tokenizer=None,
+        add_latent_tokens: bool = True,
+        official_checkpoint: str | os.PathLike | None = None,
+        **model_kwargs,
+    ) -> "CoconutModel":
+        """Wrap an HF directory or an in-memory HF causal LM.
+
+        `tokenizer` is a tokenizer or a directory; it defaults to the model directory's. The
+        special tokens are added when missing (`add_latent_tokens=False` makes that an error).
+        `official_checkpoint` loads a state dict saved by the official Coconut code on top.
+        """
+        if isinstance(path_or_model, (str, os.PathLike)):
+            model = AutoModelForCausalLM.from_pretrained(path_or_model, **model_kwargs)
+            tokenizer = path_or_model if tokenizer is None else tokenizer
+        elif isinstance(path_or_model, PreTrainedModel):
+            if model_kwargs:
+                raise TypeError(f"model keyword arguments {sorted(model_kwargs)} need a path, not a model object")
+            model = path_or_model
+            if tokenizer is None:
+                raise ValueError("tokenizer is required when path_or_model is an in-memory model")
+        else:
+            raise TypeError(
+                f"path_or_model must be a directory or a transformers PreTrainedModel, got {type(path_or_model).__name__}"
+            )
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if add_latent_tokens:
+            tokens.add_latent_tokens(tokenizer, model)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        coconut = cls(model, tokenizer)
+        if official_checkpoint is not None:
+            coconut.load_official_checkpoint(official_checkpoint)
+        return coconut
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write weights (safetensors), config and tokenizer; the directory appears whole or not at all."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            with open(tmp / COCONUT_CONFIG, "w") as f:
+                json.dump({"latent_tokens": list(LATENT_TOKENS), **self.latent_ids.__dict__}, f, indent=2)
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+            tmp.rename(target)
+            if old is not None:
+                shutil.rmtree(old)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_official_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a `torch.save`d state dict of the official Coconut wrapper (`base_causallm.*`, `embedding.weight`)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not any(k.startswith(OFFICIAL_PREFIX) for k in state):
+            raise ValueError(
+                f"{path}: not an official Coconut checkpoint (no '{OFFICIAL_PREFIX}*' keys); "
+                "a plain causal-LM state dict loads with model.model.load_state_dict"
+            )
+        own = self.model.state_dict()
+        base = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
+        base = {k: v for k, v in base.items() if not k.endswith(IGNORED_BUFFER_SUFFIXES)}
+        unexpected = sorted(k for k in state if not k.startswith(OFFICIAL_PREFIX) and k != "embedding.weight")
+        unexpected += sorted(OFFICIAL_PREFIX + k for k in base if k not in own)
+        present_ptrs = {own[k].data_ptr() for k in base if k in own}
+        # a tied weight (GPT-2's lm_head) may be saved under one name only
+        missing = sorted(k for k in own if k not in base and own[k].data_ptr() not in present_ptrs)
+        if "embedding.weight" not in state:
+            missing.append("embedding.weight")
+        mismatched = [
+            f"{OFFICIAL_PREFIX}{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in base.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        emb_ptr = self.model.get_input_embeddings().weight.data_ptr()
+        emb_key = next(k for k, v in own.items() if v.data_ptr() == emb_ptr)
+        if "embedding.weight" in state and emb_key in base and not torch.equal(state["embedding.weight"], base[emb_key]):
+            mismatched.append(f"embedding.weight differs from {OFFICIAL_PREFIX}{emb_key}")
+        problems = [
+            f"{name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for name, keys in (("unexpected keys", unexpected), ("missing keys", missing), ("mismatched", mismatched))
+            if keys
+        ]
+        if problems:
+            raise ValueError(f"{path}: checkpoint does not fit this model: " + "; ".join(problems))
+        self.model.load_state_dict(base, strict=False)
+
+    # ---------------------------------------------------------------- training forward
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> CoconutOutput:
+        """Loss and logits of Coconut sequences, the KV cache reused across the latent passes."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length > 0, got shape {tuple(input_ids.shape)}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(input_ids.shape)} like input_ids")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        latent = input_ids == self.latent_ids.latent
+        shift, width = align_first_latents(latent)
+        T = input_ids.shape[1]
+        if width != T:
+            input_ids = shift_columns(input_ids, shift, width, 0)
+            latent = shift_columns(latent, shift, width, False)
+            attention_mask = shift_columns(attention_mask, shift, width, 0)
+            position_ids = shift_columns(position_ids, shift, width, 0)
+        token_embeds = self.model.get_input_embeddings()(input_ids)
+        hidden, embeds, _ = run_passes(self.backbone, token_embeds, latent, attention_mask, position_ids)
+        logits = self.model.get_output_embeddings()(hidden)
+        if width != T:
+            logits, embeds = unshift_columns(logits, shift, T), unshift_columns(embeds, shift, T)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=embeds)
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, num_thoughts=None, max_new_tokens: int = 128, **kwargs):
+        """Batched Coconut generation; see `coconut_fast.generation.generate` for the arguments."""
+        return generation.generate(
+            self, input_ids, attention_mask=attention_mask, num_thoughts=num_thoughts,
+            max_new_tokens=max_new_tokens, **kwargs,
+        )
+

@@ -1,0 +1,215 @@
+"""CoconutModel loading, saving, official checkpoints, special tokens and input errors."""
+import pytest
+import torch
+
+from coconut_fast import CoconutModel
+from coconut_fast.tiny import FAMILIES, tiny_model
+from coconut_fast.tokens import END_LATENT, LATENT, LATENT_TOKENS, START_LATENT, latent_ids
+from conftest import VOCAB, make_coconut, word_tokenizer
+
+
+def prompts(cm, rows):
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), cm.tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r)
+        mask[b, T - len(r) :] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------ special tokens
+@pytest.mark.parametrize("family", FAMILIES)
+def test_special_tokens_added_in_official_order_and_initialised_from_lt_lt(family):
+    tok = word_tokenizer()
+    model = tiny_model(family, VOCAB)
+    src_in = model.get_input_embeddings().weight[61].clone()
+    src_out = model.get_output_embeddings().weight[61].clone()
+    cm = CoconutModel.from_pretrained(model, tokenizer=tok)
+    assert [tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS] == [VOCAB, VOCAB + 1, VOCAB + 2]
+    assert cm.model.get_input_embeddings().weight.shape[0] == VOCAB + 3
+    for tid in (VOCAB, VOCAB + 1, VOCAB + 2):
+        assert torch.equal(cm.model.get_input_embeddings().weight[tid], src_in)
+        assert torch.equal(cm.model.get_output_embeddings().weight[tid], src_out)
+
+
+def test_fallback_initialisation_is_the_eos_row_without_lt_lt():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(10)}
+    vocab.update({"<eos>": 10, "<unk>": 11})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>")
+    model = tiny_model("llama", 12)
+    eos_row = model.get_input_embeddings().weight[10].clone()
+    cm = CoconutModel.from_pretrained(model, tokenizer=tok)
+    assert torch.equal(cm.model.get_input_embeddings().weight[cm.latent_ids.latent], eos_row)
+    assert tok.pad_token == "<eos>"
+
+
+def test_vocab_with_room_is_not_resized():
+    tok = word_tokenizer()
+    model = tiny_model("qwen2", VOCAB + 16)  # Qwen pads its vocabulary
+    cm = CoconutModel.from_pretrained(model, tokenizer=tok)
+    assert cm.model.get_input_embeddings().weight.shape[0] == VOCAB + 16
+    assert cm.latent_ids.latent == VOCAB + 2
+
+
+def test_tokenizer_without_special_tokens_is_an_error():
+    with pytest.raises(ValueError, match=r"<\|start-latent\|>"):
+        CoconutModel.from_pretrained(tiny_model("gpt2", VOCAB), tokenizer=word_tokenizer(), add_latent_tokens=False)
+    with pytest.raises(ValueError, match="no"):
+        latent_ids(word_tokenizer())
+
+
+def test_latent_ids_outside_the_embedding_matrix_is_an_error():
+    tok = word_tokenizer()
+    tok.add_tokens([START_LATENT, END_LATENT, LATENT], special_tokens=True)
+    with pytest.raises(ValueError, match="outside the model's embedding matrix"):
+        CoconutModel.from_pretrained(tiny_model("gpt2", VOCAB), tokenizer=tok, add_latent_tokens=False)
+
+
+def test_in_memory_model_needs_a_tokenizer_and_paths_only():
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        CoconutModel.from_pretrained(tiny_model("gpt2", VOCAB))
+    with pytest.raises(TypeError, match="path_or_model"):
+        CoconutModel.from_pretrained(42, tokenizer=word_tokenizer())
+
+
+# ------------------------------------------------------------------ save / load
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_save_and_load_round_trip(family, tmp_path):
+    cm = make_coconut(family)
+    ids, mask = prompts(cm, [[1, 2, 3], [4, 5, 6, 7]])
+    before = cm.generate(ids, mask, num_thoughts=[2, 1], max_new_tokens=6)
+    cm.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"model.safetensors", "config.json", "coconut_config.json", "tokenizer.json"} <= files
+    loaded = CoconutModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.latent_ids == cm.latent_ids
+    for (n, p), (n2, p2) in zip(cm.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2)
+    after = loaded.generate(ids, mask, num_thoughts=[2, 1], max_new_tokens=6)
+    assert torch.equal(before, after)
+    # saving again over the same directory replaces it whole and leaves no temporary directories behind
+    loaded.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cm = make_coconut("gpt2")
+    cm.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cm.tokenizer, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        cm.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ------------------------------------------------------------------ official checkpoints
+def official_state(cm):
+    state = {"base_causallm." + k: v.clone() for k, v in cm.model.state_dict().items()}
+    state["embedding.weight"] = cm.model.get_input_embeddings().weight.detach().clone()
+    return state
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_official_checkpoint_loads(family, tmp_path):
+    trained = make_coconut(family, seed=5)
+    path = tmp_path / "checkpoint_3"
+    torch.save(official_state(trained), path)
+    fresh = CoconutModel.from_pretrained(tiny_model(family, VOCAB, seed=9), tokenizer=word_tokenizer(), official_checkpoint=path)
+    for k, v in trained.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[k], v), k
+
+
+def test_official_checkpoint_with_only_one_name_for_a_tied_weight(tmp_path):
+    trained = make_coconut("gpt2", seed=5)
+    state = official_state(trained)
+    del state["base_causallm.lm_head.weight"]
+    torch.save(state, tmp_path / "ck")
+    fresh = make_coconut("gpt2", seed=9)
+    fresh.load_official_checkpoint(tmp_path / "ck")
+    assert torch.equal(fresh.model.lm_head.weight, trained.model.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.update({"base_causallm.extra.weight": torch.zeros(2)}), "unexpected keys"),
+        (lambda s: s.update({"stray": torch.zeros(2)}), "unexpected keys"),
+        (lambda s: s.pop("base_causallm.model.norm.weight"), "missing keys"),
+        (lambda s: s.pop("embedding.weight"), "missing keys"),
+        (lambda s: s.update({"base_causallm.model.norm.weight": torch.zeros(3)}), "mismatched"),
+        (lambda s: s.update({"embedding.weight": torch.zeros_like(s["embedding.weight"])}), "embedding.weight differs"),
+    ],
+)
+def test_official_checkpoint_errors(edit, message, tmp_path):
+    cm = make_coconut("llama")
+    state = official_state(cm)
+    edit(state)
+    torch.save(state, tmp_path / "ck")
+    with pytest.raises(ValueError, match=message):
+        cm.load_official_checkpoint(tmp_path / "ck")
+
+
+def test_plain_state_dict_is_not_an_official_checkpoint(tmp_path):
+    cm = make_coconut("llama")
+    torch.save(cm.model.state_dict(), tmp_path / "plain")
+    with pytest.raises(ValueError, match="not an official Coconut checkpoint"):
+        cm.load_official_checkpoint(tmp_path / "plain")
+
+
+# ------------------------------------------------------------------ input errors
+def test_generate_errors():
+    cm = make_coconut("gpt2")
+    L = cm.latent_ids
+    ids, mask = prompts(cm, [[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="row 1 is an empty prompt"):
+        cm.generate(ids, torch.tensor([[1, 1, 1], [0, 0, 0]]), num_thoughts=1)
+    with pytest.raises(ValueError, match="batch size 0"):
+        cm.generate(ids[:0], num_thoughts=1)
+    with pytest.raises(ValueError, match="empty prompt"):
+        cm.generate(ids[:, :0], num_thoughts=1)
+    with pytest.raises(ValueError, match=r"num_thoughts\[0\] must be an integer >= 0"):
+        cm.generate(ids, mask, num_thoughts=-1)
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        cm.generate(torch.cat([ids, ids[:1]]), num_thoughts=[1, 2])
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        cm.generate(ids, mask, num_thoughts=4, max_new_tokens=250)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cm.generate(ids, mask, num_thoughts=1, max_new_tokens=-2)
+    carried, cmask = prompts(cm, [[1, 2, L.start, L.latent, L.end], [4, 5]])
+    with pytest.raises(ValueError, match="row 0 already carries"):
+        cm.generate(carried, cmask, num_thoughts=1)
+    for bad, msg in [
+        ([1, L.latent, 2], "outside a <bot>"),
+        ([1, L.start, L.latent], "without a closing <eot>"),
+        ([1, L.end], "without a <bot>"),
+        ([1, L.start, L.start, L.end], "nested"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            cm.generate(*prompts(cm, [bad]))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        cm.generate(ids, mask, num_thoughts=1, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        cm.generate(ids, mask, num_thoughts=1, do_sample=True, top_p=1.5)
+
+
+def test_forward_errors():
+    cm = make_coconut("gpt2")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="labels has shape"):
+        cm(ids, labels=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        cm(torch.tensor([1, 2, 3]))
+    L = cm.latent_ids
+    with pytest.raises(ValueError, match="column 0"):
+        cm(torch.tensor([[L.latent, 1, 2]]))
