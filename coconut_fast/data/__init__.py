@@ -19,8 +19,8 @@ from .records import (
     load_records,
     tokenize_record,
 )
-# from .prosqa import generate_prosqa
-# from .tokenizer import build_local_tokenizer, default_tokenizer, gpt2_tokenizer
+from .prosqa import generate_prosqa
+from .tokenizer import build_local_tokenizer, default_tokenizer, gpt2_tokenizer
 
 __all__ = [
     "MODES",
