@@ -23,6 +23,7 @@ from .data import (
     generate_prosqa,
     tokenize_record,
 )
+from .generation import left_pad
 from .model import CoconutModel
 from .reference import reference_forward
 from .tiny import tiny_model
@@ -56,12 +57,7 @@ def evaluate(cm: CoconutModel, records, tokenized, stage, cfg: CurriculumConfig,
     correct, n_tokens = 0, 0
     for i in range(0, len(records), batch_size):
         prompts = [build_eval_example(r, stage, cfg, cm.latent_ids)["input_ids"] for r in tokenized[i : i + batch_size]]
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(prompts):
-            ids[b, T - len(p) :], mask[b, T - len(p) :] = torch.tensor(p), 1
-        out = cm.generate(ids, mask, max_new_tokens=64, return_dict_in_generate=True)
+        out = cm.generate(*left_pad(prompts, tok.pad_token_id), max_new_tokens=64, return_dict_in_generate=True)
         for b, rec in enumerate(records[i : i + batch_size]):
             new = out.sequences[b, out.prompt_length :].tolist()
             new = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new

@@ -81,6 +81,17 @@ def build_prompts(input_ids, attention_mask, num_thoughts, ids: LatentIds) -> tu
     return prompts, counts
 
 
+def left_pad(prompts: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a left-padded batch: (input_ids, attention_mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[b, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _warpers(temperature: float, top_k: int, top_p: float) -> list:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
@@ -143,11 +154,7 @@ def generate(
     warpers = _warpers(temperature, top_k, top_p) if do_sample else None
 
     B, device = len(prompts), coconut.device
-    seq = torch.full((B, width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((B, width), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):  # left padding, as HF generation expects
-        seq[b, width - len(p) :] = torch.tensor(p, device=device)
-        mask[b, width - len(p) :] = 1
+    seq, mask = left_pad(prompts, pad, device)
     positions = default_position_ids(mask)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
 

@@ -3,19 +3,14 @@ import pytest
 import torch
 
 from coconut_fast import CoconutModel
+from coconut_fast.generation import left_pad
 from coconut_fast.tiny import FAMILIES, tiny_model
 from coconut_fast.tokens import END_LATENT, LATENT, LATENT_TOKENS, START_LATENT, latent_ids
 from conftest import VOCAB, make_coconut, word_tokenizer
 
 
 def prompts(cm, rows):
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), cm.tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r) :] = torch.tensor(r)
-        mask[b, T - len(r) :] = 1
-    return ids, mask
+    return left_pad(rows, cm.tokenizer.pad_token_id)
 
 
 # ------------------------------------------------------------------ special tokens

@@ -13,13 +13,14 @@ from coconut_fast.reference import (
     reference_forward,
     reference_generate,
 )
+from coconut_fast.generation import left_pad
 from coconut_fast.tiny import FAMILIES
 from conftest import make_coconut
 
 RTOL = 1e-5
 
 
-def build_batch(cm, rows, left_pad=False):
+def build_batch(cm, rows, pad_left=False):
     """Pad token-id rows into (input_ids, attention_mask, labels); labels mask everything up to <eot>."""
     ids = cm.latent_ids
     T = max(len(r) for r in rows)
@@ -27,7 +28,7 @@ def build_batch(cm, rows, left_pad=False):
     mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, -100)
     for b, r in enumerate(rows):
-        cols = slice(T - len(r), T) if left_pad else slice(0, len(r))
+        cols = slice(T - len(r), T) if pad_left else slice(0, len(r))
         input_ids[b, cols] = torch.tensor(r)
         mask[b, cols] = 1
         lab = list(r)
@@ -56,7 +57,7 @@ CASES = {
 def case_rows(cm, name):
     spec, left = CASES[name]
     rows = [sequence(cm, s[1], s[2], s[3]) if isinstance(s, tuple) else s for s in spec]
-    return build_batch(cm, rows, left_pad=left)
+    return build_batch(cm, rows, pad_left=left)
 
 
 def rel_err(a, b):
@@ -117,14 +118,8 @@ def test_unaligned_batch_is_aligned_internally():
     assert len(calls) == 1 + 3 + 1 and calls[1:4] == [1, 1, 1]
 
 
-def prompt_batch(cm, prompts, left_pad=True):
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), cm.tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p) :] = torch.tensor(p)
-        mask[b, T - len(p) :] = 1
-    return ids, mask
+def prompt_batch(cm, prompts):
+    return left_pad(prompts, cm.tokenizer.pad_token_id)
 
 
 def new_tokens(seq_row, prompt_length, eos):
