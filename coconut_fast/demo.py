@@ -32,13 +32,13 @@ from .tiny import tiny_model
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    train_records: int = 600
+    train_records: int = 1000
     valid_records: int = 64
     max_latent_stage: int = 2
-    epochs_per_stage: int = 1
+    epochs_per_stage: int = 2
     c_thought: int = 1
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -50,11 +50,11 @@ def _batches(examples, batch_size, collate):
         yield collate(examples[i : i + batch_size])
 
 
-def evaluate(cm: CoconutModel, records, tokenized, stage, cfg: CurriculumConfig, batch_size=32) -> tuple[float, float]:
-    """Accuracy (official metric) and mean generated tokens on question-only prompts at `stage`."""
+def evaluate(cm: CoconutModel, records, tokenized, stage, cfg: CurriculumConfig, batch_size=32):
+    """Accuracy (official metric), mean generated tokens, and the generated texts at `stage`."""
     cm.model.eval()
     tok = cm.tokenizer
-    correct, n_tokens = 0, 0
+    correct, n_tokens, texts = 0, 0, []
     for i in range(0, len(records), batch_size):
         prompts = [build_eval_example(r, stage, cfg, cm.latent_ids)["input_ids"] for r in tokenized[i : i + batch_size]]
         out = cm.generate(*left_pad(prompts, tok.pad_token_id), max_new_tokens=64, return_dict_in_generate=True)
@@ -62,9 +62,9 @@ def evaluate(cm: CoconutModel, records, tokenized, stage, cfg: CurriculumConfig,
             new = out.sequences[b, out.prompt_length :].tolist()
             new = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
             n_tokens += len(new)
-            text = tok.decode(prompts[b] + new, skip_special_tokens=True)
-            correct += answer_matches(text, rec["answer"])
-    return correct / len(records), n_tokens / len(records)
+            texts.append(tok.decode(new, skip_special_tokens=True))
+            correct += answer_matches(tok.decode(prompts[b] + new, skip_special_tokens=True), rec["answer"])
+    return correct / len(records), n_tokens / len(records), texts
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
@@ -107,8 +107,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
             optimizer.zero_grad()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc, gen = evaluate(cm, valid, valid_tok, stage, curriculum)
-        results["stages"].append({"stage": stage, "train_loss": sum(losses) / len(losses), "accuracy": acc, "generated_tokens": gen})
+        acc, gen, texts = evaluate(cm, valid, valid_tok, stage, curriculum)
+        results["stages"].append({"epoch": epoch + 1, "stage": stage, "train_loss": sum(losses) / len(losses), "accuracy": acc, "generated_tokens": gen})
 
     # fast path against the reference on one latent batch of the last stage
     cm.model.eval()
@@ -128,9 +128,13 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     cm.save_pretrained(out / "model")
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n{'stage':>5} {'thoughts':>8} {'train loss':>10} {'accuracy':>8} {'gen tokens':>10}")
+    print(f"\n{'epoch':>5} {'stage':>5} {'thoughts':>8} {'train loss':>10} {'accuracy':>8} {'gen tokens':>10}")
     for r in results["stages"]:
-        print(f"{r['stage']:>5} {r['stage'] * cfg.c_thought:>8} {r['train_loss']:>10.3f} {r['accuracy']:>8.2%} {r['generated_tokens']:>10.1f}")
+        print(f"{r['epoch']:>5} {r['stage']:>5} {r['stage'] * cfg.c_thought:>8} {r['train_loss']:>10.3f} "
+              f"{r['accuracy']:>8.2%} {r['generated_tokens']:>10.1f}")
+    print(f"\nlast stage, {stage * cfg.c_thought} thoughts per question; two validation questions:")
+    for rec, text in list(zip(valid, texts))[:2]:
+        print(f"  ...{rec['question'][-40:]!r}\n    generated {text.strip()!r}\n    expected  {rec['answer']!r}")
     p = results["parity"]
     print(f"\nforward+backward on {cfg.batch_size} sequences at stage {stage}: fast {p['fast_s']:.2f}s, "
           f"reference {p['reference_s']:.2f}s; loss {p['fast_loss']:.6f} vs {p['reference_loss']:.6f}")
