@@ -14,8 +14,9 @@ from coconut_fast.reference import (
     reference_generate,
 )
 from coconut_fast.generation import left_pad
-from coconut_fast.tiny import FAMILIES
-from conftest import make_coconut
+from coconut_fast import CoconutModel
+from coconut_fast.tiny import FAMILIES, tiny_config
+from conftest import VOCAB, make_coconut, word_tokenizer
 
 RTOL = 1e-5
 
@@ -196,3 +197,35 @@ def test_sampling_is_seeded_and_respects_top_k():
     c = cm.generate(ids, mask, num_thoughts=2, max_new_tokens=1, do_sample=True, top_k=1)
     greedy = cm.generate(ids, mask, num_thoughts=2, max_new_tokens=1)
     assert torch.equal(c, greedy)  # top_k=1 sampling is greedy
+
+
+def test_sliding_window_attention_matches_reference():
+    """Mistral with a window shorter than the sequence: the cache keeps only the window, like the mask."""
+    from transformers import MistralForCausalLM
+
+    config = tiny_config("mistral", VOCAB)
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    cm = CoconutModel.from_pretrained(MistralForCausalLM(config).eval(), tokenizer=word_tokenizer())
+    input_ids, mask, labels = case_rows(cm, "several_latents")
+    with torch.no_grad():
+        out = cm(input_ids, attention_mask=mask, labels=labels)
+        ref_loss, ref_logits, _ = reference_forward(cm.model, input_ids, cm.latent_ids.latent, mask, labels)
+    valid = mask.bool()
+    assert abs(out.loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
+    assert rel_err(out.logits[valid], ref_logits[valid]) <= RTOL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bfloat16_forward_is_close_to_float32_reference(family):
+    """bf16 weights and activations: loss within 2e-2 relative and logits within 5e-2 of the largest, against float32."""
+    cm = make_coconut(family)
+    input_ids, mask, labels = case_rows(cm, "different_counts")
+    with torch.no_grad():
+        ref_loss, ref_logits, _ = reference_forward(cm.model, input_ids, cm.latent_ids.latent, mask, labels)
+        cm.model.to(torch.bfloat16)
+        out = cm(input_ids, attention_mask=mask, labels=labels)
+    valid = mask.bool()
+    assert out.logits.dtype == torch.bfloat16
+    assert abs(out.loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
+    assert rel_err(out.logits[valid].float(), ref_logits[valid]) <= 5e-2
