@@ -17,10 +17,10 @@ def cuda_extension():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return None, "torch is not importable in the build environment (use --no-build-isolation)"
-    if not sources:
-        return None, "no CUDA sources in csrc/"
     if torch.version.cuda is None or CUDA_HOME is None:
         return None, f"torch {torch.__version__} has no CUDA"
+    if not sources:
+        return None, "no CUDA sources in csrc/"
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     ext = CUDAExtension(
