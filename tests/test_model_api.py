@@ -93,6 +93,19 @@ def test_save_and_load_round_trip(family, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_plain_hf_directory_gets_the_special_tokens(tmp_path):
+    model, tok = tiny_model("llama", VOCAB), word_tokenizer()
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    cm = CoconutModel.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert cm.latent_ids.latent == VOCAB + 2 and len(cm.tokenizer) == VOCAB + 3
+    assert cm.model.get_input_embeddings().weight.shape[0] == VOCAB + 3
+    assert torch.equal(cm.model.get_input_embeddings().weight[VOCAB + 2], model.get_input_embeddings().weight[61])
+    out = cm.generate(*prompts(cm, [[1, 2, 3]]), num_thoughts=2, max_new_tokens=3)
+    assert out.shape[0] == 1 and 3 + 4 < out.shape[1] <= 3 + 4 + 3
+    assert out[0, :7].tolist() == [1, 2, 3, cm.latent_ids.start, cm.latent_ids.latent, cm.latent_ids.latent, cm.latent_ids.end]
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cm = make_coconut("gpt2")
     cm.save_pretrained(tmp_path / "ckpt")
