@@ -207,7 +207,9 @@ class CoconutModel(nn.Module):
             attention_mask = shift_columns(attention_mask, shift, width, 0)
             position_ids = shift_columns(position_ids, shift, width, 0)
         token_embeds = self.model.get_input_embeddings()(input_ids)
-        hidden, embeds, _ = run_passes(self.backbone, token_embeds, latent, attention_mask, position_ids)
+        hidden, embeds, _ = run_passes(
+            self.backbone, token_embeds, latent, attention_mask, position_ids, keep_cache=False
+        )
         logits = self.model.get_output_embeddings()(hidden)
         if width != T:
             logits, embeds = unshift_columns(logits, shift, T), unshift_columns(embeds, shift, T)

@@ -31,13 +31,15 @@ class Backbone:
         return DynamicCache(config=self.config)
 
     def __call__(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
-        """Hidden states after the final norm for `embeds`, the columns after those in `cache`."""
+        """Hidden states after the final norm for `embeds`, the columns after those in `cache`.
+
+        With `cache=None` nothing is cached (a single pass that needs no later one)."""
         out = self.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_kwarg: cache},
+            use_cache=cache is not None,
+            **({self.cache_kwarg: cache} if cache is not None else {}),
         )
         return out.last_hidden_state
 
@@ -53,18 +55,21 @@ def latent_span(latent_mask: torch.Tensor) -> tuple[int, int] | None:
     return first, last
 
 
-def run_passes(backbone: Backbone, token_embeds, latent_mask, attention_mask, position_ids, cache=None):
+def run_passes(backbone: Backbone, token_embeds, latent_mask, attention_mask, position_ids, cache=None, keep_cache=True):
     """Run the Coconut passes over a batch; returns (hidden [B,T,H], inputs_embeds [B,T,H], cache).
 
     `token_embeds` and `position_ids` cover the T new columns; latent columns are replaced on the
     way by the thoughts. The cache may already hold earlier columns: `attention_mask` covers
-    those and the new ones.
+    those and the new ones. Without latents and with `keep_cache=False`, one uncached pass.
     """
-    if cache is None:
-        cache = backbone.new_cache()
     offset = attention_mask.shape[1] - token_embeds.shape[1]
     T = token_embeds.shape[1]
     span = latent_span(latent_mask)
+    if span is None and not keep_cache and cache is None:
+        h = backbone(token_embeds, attention_mask, position_ids, None)
+        return h, token_embeds, None
+    if cache is None:
+        cache = backbone.new_cache()
     first, last = span if span is not None else (T, T - 1)
     hiddens, inputs = [], []
 
