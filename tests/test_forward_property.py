@@ -49,3 +49,27 @@ def test_random_layouts_match_reference(samples, family, align, seed):
     assert abs(out.loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     err = (out.logits[valid] - ref_logits[valid]).abs().max() / ref_logits[valid].abs().max()
     assert err.item() <= 1e-5
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prompts=st.lists(st.tuples(st.integers(1, 7), st.integers(0, 4)), min_size=1, max_size=4),
+    family=st.sampled_from(["gpt2", "llama", "qwen3"]),
+    seed=st.integers(0, 99),
+)
+def test_random_prompts_generate_like_reference(prompts, family, seed):
+    from coconut_fast.generation import left_pad
+    from coconut_fast.reference import reference_generate
+
+    cm = model(family)
+    ids, eos = cm.latent_ids, cm.tokenizer.eos_token_id
+    rnd = random.Random(seed)
+    questions = [[rnd.randrange(60) for _ in range(q)] for q, _ in prompts]
+    counts = [k for _, k in prompts]
+    out = cm.generate(*left_pad(questions, cm.tokenizer.pad_token_id), num_thoughts=counts, max_new_tokens=4,
+                      return_dict_in_generate=True)
+    for b, (q, k) in enumerate(zip(questions, counts)):
+        expected, _ = reference_generate(cm.model, q + [ids.start] + [ids.latent] * k + [ids.end], ids.latent, eos, 4)
+        got = out.sequences[b, out.prompt_length :].tolist()
+        assert got[: len(expected)] == expected
+        assert all(t == cm.tokenizer.pad_token_id for t in got[len(expected) :])
