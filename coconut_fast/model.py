@@ -199,6 +199,9 @@ class CoconutModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         latent = input_ids == self.latent_ids.latent
+        orphan = latent[:, :1] | (latent[:, 1:] & (attention_mask[:, :-1] == 0))
+        if bool(orphan.any()):
+            raise ValueError("a latent slot must follow a real token: one is in column 0 or after padding")
         shift, width = align_first_latents(latent)
         T = input_ids.shape[1]
         if width != T:

@@ -55,26 +55,23 @@ def latent_span(latent_mask: torch.Tensor) -> tuple[int, int] | None:
     return first, last
 
 
-def run_passes(backbone: Backbone, token_embeds, latent_mask, attention_mask, position_ids, cache=None, keep_cache=True):
+def run_passes(backbone: Backbone, token_embeds, latent_mask, attention_mask, position_ids, keep_cache=True):
     """Run the Coconut passes over a batch; returns (hidden [B,T,H], inputs_embeds [B,T,H], cache).
 
-    `token_embeds` and `position_ids` cover the T new columns; latent columns are replaced on the
-    way by the thoughts. The cache may already hold earlier columns: `attention_mask` covers
-    those and the new ones. Without latents and with `keep_cache=False`, one uncached pass.
+    `token_embeds` are the token embeddings of every column; latent columns are replaced on the
+    way by the thoughts. A batch without latents and `keep_cache=False` takes one uncached pass
+    (and returns no cache).
     """
-    offset = attention_mask.shape[1] - token_embeds.shape[1]
     T = token_embeds.shape[1]
     span = latent_span(latent_mask)
-    if span is None and not keep_cache and cache is None:
-        h = backbone(token_embeds, attention_mask, position_ids, None)
-        return h, token_embeds, None
-    if cache is None:
-        cache = backbone.new_cache()
+    if span is None and not keep_cache:
+        return backbone(token_embeds, attention_mask, position_ids, None), token_embeds, None
+    cache = backbone.new_cache()
     first, last = span if span is not None else (T, T - 1)
     hiddens, inputs = [], []
 
     def step(start, end, embeds):
-        h = backbone(embeds, attention_mask[:, : offset + end], position_ids[:, start:end], cache)
+        h = backbone(embeds, attention_mask[:, :end], position_ids[:, start:end], cache)
         hiddens.append(h)
         inputs.append(embeds)
         return h

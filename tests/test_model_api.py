@@ -219,5 +219,7 @@ def test_forward_errors():
     with pytest.raises(ValueError, match="input_ids must be"):
         cm(torch.tensor([1, 2, 3]))
     L = cm.latent_ids
-    with pytest.raises(ValueError, match="column 0"):
-        cm(torch.tensor([[L.latent, 1, 2]]))
+    with pytest.raises(ValueError, match="column 0 or after padding"):
+        cm(torch.tensor([[L.latent, 1, 2], [1, 2, L.latent]]))
+    with pytest.raises(ValueError, match="column 0 or after padding"):
+        cm(torch.tensor([[0, L.latent, 2], [1, 2, L.latent]]), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
