@@ -187,6 +187,11 @@ class CoconutModel(nn.Module):
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def config(self):
+        """The wrapped HF model's config."""
+        return self.model.config
+
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> CoconutOutput:
         """Loss and logits of Coconut sequences, the KV cache reused across the latent passes."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
