@@ -21,8 +21,10 @@ from .data import (
     build_training_example,
     default_tokenizer,
     generate_prosqa,
+    stage_for_epoch,
     tokenize_record,
 )
+from .data.prosqa import write_json
 from .generation import left_pad
 from .model import CoconutModel
 from .reference import reference_forward
@@ -75,7 +77,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     records = generate_prosqa(cfg.train_records + cfg.valid_records, seed=cfg.seed)
     train, valid = records[: cfg.train_records], records[cfg.train_records :]
     for name, part in (("train", train), ("valid", valid)):
-        (out / f"prosqa_{name}.json").write_text(json.dumps(part))
+        write_json(part, out / f"prosqa_{name}.json")
     tok = default_tokenizer()
     model = tiny_model("gpt2", len(tok), seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, context=1024)
     cm = CoconutModel.from_pretrained(model, tokenizer=tok)
@@ -93,7 +95,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     num_epochs = (cfg.max_latent_stage + 1) * cfg.epochs_per_stage
     optimizer = torch.optim.AdamW(cm.parameters(), lr=cfg.lr)
     for epoch in range(num_epochs):
-        stage = epoch // cfg.epochs_per_stage
+        stage = stage_for_epoch(curriculum, epoch)
         order = list(range(len(train_tok)))
         rng.shuffle(order)
         examples = [build_training_example(train_tok[i], stage, curriculum, cm.latent_ids, rng) for i in order]

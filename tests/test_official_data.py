@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coconut_fast import CoconutModel
-from coconut_fast.data import CurriculumConfig, build_eval_example, build_training_example, check_tokenization, load_records
+from coconut_fast.data import CoconutCollator, CurriculumConfig, build_eval_example, build_training_example, check_tokenization, load_records
 from coconut_fast.reference import reference_forward, reference_generate
 from coconut_fast.tiny import tiny_model
 from test_prosqa import official_dir
@@ -37,10 +37,8 @@ def test_official_records_through_coconut_gpt2(official):
     recs = [check_tokenization(r, tok, idx=i) for i, r in enumerate(official[:2])]
     rng = random.Random(0)
     feats = [build_training_example(r, 2, cfg, cm.latent_ids, rng) for r in recs]
-    T = max(len(f["input_ids"]) for f in feats)
-    ids = torch.tensor([f["input_ids"] + [tok.pad_token_id] * (T - len(f["input_ids"])) for f in feats])
-    mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (T - len(f["input_ids"])) for f in feats])
-    labels = torch.tensor([f["labels"] + [-100] * (T - len(f["labels"])) for f in feats])
+    batch = CoconutCollator(tok.pad_token_id, cm.latent_ids.latent)(feats)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
         fast = cm(ids, mask, labels).loss
         ref, _, _ = reference_forward(cm.model, ids, cm.latent_ids.latent, mask, labels)
