@@ -1,10 +1,14 @@
-"""`coconut-fast` command line: `demo`, `generate-data`, `stats`."""
+"""`coconut-fast` command line."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import importlib
 import sys
+
+# Subcommands that live beside their code: each module has `add_arguments(parser)` and `run(args) -> int`.
+MODULE_COMMANDS: dict[str, tuple[str, str]] = {}
 
 
 def _demo(args) -> int:
@@ -55,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="statistics of a ProsQA-format JSON file")
     stats.add_argument("path")
     stats.set_defaults(func=_stats)
+
+    for name, (module_name, help_text) in MODULE_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 
