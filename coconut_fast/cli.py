@@ -9,6 +9,8 @@ import sys
 
 # Subcommands that live beside their code: each module has `add_arguments(parser)` and `run(args) -> int`.
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {}
+MODULE_COMMANDS["train"] = ("coconut_fast.training.command", "train (or evaluate) Coconut from a YAML config")
+MODULE_COMMANDS["analyze"] = ("coconut_fast.analysis.command", "what the continuous thoughts hold: logit lens, ProsQA frontiers")
 
 
 def _demo(args) -> int:

@@ -109,6 +109,9 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> list:
     return warpers
 
 
+BACKENDS = ("torch", "paged")
+
+
 def _max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
@@ -127,6 +130,7 @@ def generate(
     top_p: float = 1.0,
     return_dict_in_generate: bool = False,
     output_thoughts: bool = False,
+    backend: str = "torch",
 ):
     """Generate from left-padded prompts.
 
@@ -134,7 +138,13 @@ def generate(
     `num_thoughts` latents appended (an int, or one per prompt). Each sample stops at its EOS.
     Returns the `sequences` tensor, or a `CoconutGenerateOutput` when `return_dict_in_generate`
     or `output_thoughts` is set.
+
+    `backend="torch"` runs the HF model with one DynamicCache; `backend="paged"` runs the paged
+    engine (`coconut_fast.engine`) and returns the same result types, shapes and padding. Greedy
+    tokens agree; sampled tokens come from one generator per request, seeded from the global RNG.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ids: LatentIds = coconut.latent_ids
     model, tokenizer = coconut.model, coconut.tokenizer
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -157,6 +167,16 @@ def generate(
     seq, mask = left_pad(prompts, pad, device)
     positions = default_position_ids(mask)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    if backend == "paged":
+        from .engine.llm import paged_generate
+
+        tokens, thoughts = paged_generate(
+            coconut, prompts, max_new_tokens, eos.tolist(), do_sample, temperature, top_k, top_p
+        )
+        new = torch.full((B, max(map(len, tokens))), pad, dtype=torch.long, device=device)
+        for b, t in enumerate(tokens):
+            new[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return _result(torch.cat([seq, new], dim=1), width, counts, thoughts, return_dict_in_generate, output_thoughts)
 
     latent = seq == ids.latent
     hidden, embeds, cache = run_passes(coconut.backbone, embed(seq), latent, mask, positions)
@@ -183,14 +203,21 @@ def generate(
         logits = lm_head(h[:, -1]).float()
 
     sequences = torch.cat([seq, torch.stack(new_tokens, 1)], dim=1) if new_tokens else seq
+    thoughts = [embeds[b][latent[b]] for b in range(B)]
+    return _result(sequences, width, counts, thoughts, return_dict_in_generate, output_thoughts)
+
+
+def _result(sequences, width, counts, thoughts, return_dict_in_generate, output_thoughts):
+    """`sequences`, or the dict output with the thoughts [k_b, H] of each sample zero-padded."""
     if not (return_dict_in_generate or output_thoughts):
         return sequences
+    device = sequences.device
     out = CoconutGenerateOutput(
         sequences=sequences, prompt_length=width, num_thoughts=torch.tensor(counts, device=device)
     )
     if output_thoughts:
-        thoughts = embeds.new_zeros(B, max(counts, default=0), embeds.shape[-1])
-        for b in range(B):
-            thoughts[b, : counts[b]] = embeds[b][latent[b]]
-        out.thoughts = thoughts
+        padded = thoughts[0].new_zeros(len(counts), max(counts, default=0), thoughts[0].shape[-1])
+        for b, t in enumerate(thoughts):
+            padded[b, : counts[b]] = t
+        out.thoughts = padded
     return out

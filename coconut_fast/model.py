@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import generation
-from .passes import Backbone, run_passes
+from .losses import causal_lm_linear_loss
+from .parallel_latent import run_jacobi
+from .passes import Backbone, hf_checkpointing_off, layers_to_checkpoint, run_passes
 from .reference import causal_lm_loss, default_position_ids
 from . import tokens
 from .tokens import LATENT_TOKENS, latent_ids
@@ -36,18 +38,36 @@ class CoconutOutput(ModelOutput):
     inputs_embeds: torch.Tensor | None = None
 
 
-def align_first_latents(latent_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Right-shift per sample that puts every sample's first latent in the same column.
+LATENT_MODES = ("sequential", "parallel")
 
-    Returns (shift [B], aligned width). Samples without latents are not shifted. With the
-    first latents aligned, k latents take k single-column passes whatever the prompt lengths.
-    """
+
+@dataclass
+class LatentLayout:
+    """Where the latents of a batch sit once every sample's first latent is in the same column."""
+
+    shift: torch.Tensor  # [B] right-shift of each sample
+    width: int  # columns after the shift
+    span: tuple[int, int] | None  # first and last column holding a latent, after the shift
+
+
+def latent_layout(latent_mask: torch.Tensor, attention_mask: torch.Tensor) -> LatentLayout:
+    """Per-sample shifts that align the first latents, and the latent span; one host sync.
+
+    Samples without latents are not shifted. With the first latents aligned, k latents take k
+    single-column passes whatever the prompt lengths."""
     B, T = latent_mask.shape
     has = latent_mask.any(1)
     first = latent_mask.int().argmax(1)
+    last = T - 1 - latent_mask.flip(1).int().argmax(1)
     target = torch.where(has, first, 0).max()
     shift = torch.where(has, target - first, 0)
-    return shift, T + int(shift.max())
+    orphan = latent_mask[:, :1] | (latent_mask[:, 1:] & (attention_mask[:, :-1] == 0))
+    last_col = torch.where(has, last + shift, 0).max()
+    stats = torch.stack([orphan.any().long(), has.any().long(), shift.max(), target, last_col])
+    is_orphan, any_latent, max_shift, first_col, last_col = stats.tolist()
+    if is_orphan:
+        raise ValueError("a latent slot must follow a real token: one is in column 0 or after padding")
+    return LatentLayout(shift, T + max_shift, (first_col, last_col) if any_latent else None)
 
 
 def shift_columns(x: torch.Tensor, shift: torch.Tensor, width: int, fill) -> torch.Tensor:
@@ -192,42 +212,80 @@ class CoconutModel(nn.Module):
         """The wrapped HF model's config."""
         return self.model.config
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> CoconutOutput:
-        """Loss and logits of Coconut sequences, the KV cache reused across the latent passes."""
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        position_ids=None,
+        *,
+        return_logits: bool = True,
+        latent_mode: str = "sequential",
+        jacobi_iterations: int | None = None,
+        gradient_checkpointing: bool | None = None,
+    ) -> CoconutOutput:
+        """Loss and logits of Coconut sequences, the KV cache reused across the latent passes.
+
+        return_logits=False (needs `labels`): the loss comes from a chunked linear cross-entropy
+        over the labelled positions only and `logits` is None; the [tokens x vocab] logits never
+        exist at once. latent_mode="parallel" refines all thoughts together by
+        `jacobi_iterations` Jacobi passes (`coconut_fast.parallel_latent`; exact when it is at
+        least the number of latent columns). gradient_checkpointing=True recomputes every
+        decoder layer in backward; None checkpoints the layers the HF model's
+        `activation_checkpointing_enable()` marked, in training mode (always non-reentrant, cache-safe).
+        """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length > 0, got shape {tuple(input_ids.shape)}")
         for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(input_ids.shape)} like input_ids")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False computes only the loss, so it needs labels")
+        if latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+        if latent_mode == "parallel" and (
+            isinstance(jacobi_iterations, bool) or not isinstance(jacobi_iterations, int) or jacobi_iterations < 0
+        ):
+            raise ValueError(
+                f"latent_mode='parallel' needs jacobi_iterations, an integer >= 0, got {jacobi_iterations!r}"
+            )
+        if latent_mode == "sequential" and jacobi_iterations is not None:
+            raise ValueError("jacobi_iterations applies to latent_mode='parallel' only")
+        checkpoint_layers = layers_to_checkpoint(self.model, gradient_checkpointing, self.training)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         latent = input_ids == self.latent_ids.latent
-        orphan = latent[:, :1] | (latent[:, 1:] & (attention_mask[:, :-1] == 0))
-        if bool(orphan.any()):
-            raise ValueError("a latent slot must follow a real token: one is in column 0 or after padding")
-        shift, width = align_first_latents(latent)
+        layout = latent_layout(latent, attention_mask)  # the forward's one host sync before the loss
         T = input_ids.shape[1]
+        shift, width = layout.shift, layout.width
         if width != T:
             input_ids = shift_columns(input_ids, shift, width, 0)
             latent = shift_columns(latent, shift, width, False)
             attention_mask = shift_columns(attention_mask, shift, width, 0)
             position_ids = shift_columns(position_ids, shift, width, 0)
         token_embeds = self.model.get_input_embeddings()(input_ids)
-        hidden, embeds, _ = run_passes(
-            self.backbone, token_embeds, latent, attention_mask, position_ids, keep_cache=False
-        )
-        logits = self.model.get_output_embeddings()(hidden)
+        with hf_checkpointing_off(self.model):
+            if latent_mode == "parallel" and layout.span is not None:
+                hidden, embeds = run_jacobi(self.backbone, token_embeds, latent, attention_mask, position_ids,
+                                            layout.span, jacobi_iterations, checkpoint_layers)
+            else:
+                hidden, embeds, _ = run_passes(self.backbone, token_embeds, latent, attention_mask, position_ids,
+                                               keep_cache=False, span=layout.span, checkpoint_layers=checkpoint_layers)
         if width != T:
-            logits, embeds = unshift_columns(logits, shift, T), unshift_columns(embeds, shift, T)
+            hidden, embeds = unshift_columns(hidden, shift, T), unshift_columns(embeds, shift, T)
+        lm_head = self.model.get_output_embeddings()
+        if not return_logits:
+            return CoconutOutput(loss=causal_lm_linear_loss(hidden, lm_head, labels), inputs_embeds=embeds)
+        logits = lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CoconutOutput(loss=loss, logits=logits, inputs_embeds=embeds)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, num_thoughts=None, max_new_tokens: int = 128, **kwargs):
-        """Batched Coconut generation; see `coconut_fast.generation.generate` for the arguments."""
+        """Batched Coconut generation (`backend="torch"` or `"paged"`); see `coconut_fast.generation.generate`."""
         return generation.generate(
             self, input_ids, attention_mask=attention_mask, num_thoughts=num_thoughts,
             max_new_tokens=max_new_tokens, **kwargs,

@@ -1,0 +1,79 @@
+"""The building blocks of the engine's forward: kernel choice, step metadata, paged attention, norms."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+KERNEL_NAMES = ("write_kv", "rope_write_kv", "paged_decode_attention", "paged_prefill_attention",
+                "add_rms_norm", "add_layer_norm")
+
+
+def select_kernels(choice: str = "auto") -> SimpleNamespace:
+    """The Triton kernels or their torch references, under the kernel names.
+
+    "auto" takes Triton when it can run here (CUDA, or the interpreter with TRITON_INTERPRET=1).
+    """
+    from .. import kernels
+
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    use_triton = kernels.triton_enabled() if choice == "auto" else choice == "triton"
+    if use_triton and not kernels.triton_enabled():
+        raise ValueError("kernels='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); "
+                         "use kernels='torch' or 'auto'")
+    suffix = "" if use_triton else "_reference"
+    return SimpleNamespace(name="triton" if use_triton else "torch",
+                           **{n: getattr(kernels, n + suffix) for n in KERNEL_NAMES})
+
+
+@dataclass
+class StepMetadata:
+    """Where a step's flattened tokens sit and what they attend to.
+
+    Rows are ordered decode sequences first (one new position each), then prefill sequences
+    (several new positions each); `block_tables` and `context_lens` follow the same order.
+    """
+
+    positions: torch.Tensor  # int64 [T]
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int32 [B, max blocks]
+    context_lens: torch.Tensor  # int32 [B], including this step's positions
+    num_decode: int  # the first num_decode sequences (and rows) are single-position
+    prefill_cu_seqlens: torch.Tensor  # int32 [B - num_decode + 1], offsets of the prefill rows
+
+
+class PagedAttention:
+    """Writes the step's K/V into the cache, then attends over the cache (decode and prefill rows apart)."""
+
+    def __init__(self, kernels: SimpleNamespace, scale: float):
+        self.kernels = kernels
+        self.scale = scale
+
+    def __call__(self, q, k_cache, v_cache, meta: StepMetadata) -> torch.Tensor:
+        nd = meta.num_decode
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self.kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.scale)
+        if nd < q.shape[0]:
+            out[nd:] = self.kernels.paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens,
+                meta.context_lens[nd:], self.scale)
+        return out
+
+
+def rope_table(rotary_emb, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, D/2] (float32) from the HF model's own rotary module, so its rope scaling and
+    attention scaling are exactly the model's."""
+    rope_type = getattr(rotary_emb, "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(
+            f"rope_type {rope_type!r} changes its frequencies with the sequence length; the paged engine "
+            "supports rope types with a fixed table (default, linear, llama3, yarn, ...)")
+    positions = torch.arange(num_positions, device=device)[None]
+    cos, sin = rotary_emb(torch.zeros(1, dtype=torch.float32, device=device), positions)
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()

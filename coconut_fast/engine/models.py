@@ -1,0 +1,108 @@
+"""The engine's own forward over an HF model's weights (in place): GPT-2 and the Llama family.
+
+Each forward takes the step's flattened input embeddings [T, H] and returns the final-norm
+hidden states [T, H] (HF's `hidden_states[-1]`), writing the step's K/V into the paged cache.
+The projections and MLPs are the HF modules themselves; norms, RoPE, the cache write and
+attention are the engine's kernels.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .block_manager import PagedKVCache
+from .layers import PagedAttention, StepMetadata, rope_table
+
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("gpt2", *LLAMA_FAMILY)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a config when some layer uses one, else None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+class LlamaForward:
+    """Llama, Qwen2 (q/k/v biases live in the HF projections), Qwen3 (per-head q/k RMSNorm before
+    RoPE), Mistral: RMSNorm, RoPE from the model's own rotary table, grouped-query attention."""
+
+    def __init__(self, causal_lm, kernels: SimpleNamespace, max_positions: int):
+        base, config = causal_lm.model, causal_lm.config
+        self.kernels = kernels
+        self.layers = list(base.layers[: config.num_hidden_layers])
+        self.norm = base.norm
+        self.eps = config.rms_norm_eps
+        first = self.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.num_kv_heads = config.num_key_value_heads
+        self.qk_norm = hasattr(first, "q_norm")
+        self.attention = PagedAttention(kernels, first.scaling)
+        self.cos, self.sin = rope_table(base.rotary_emb, max_positions, causal_lm.device)
+
+    def head_norm(self, x: torch.Tensor, norm) -> torch.Tensor:
+        T, heads, D = x.shape
+        return self.kernels.add_rms_norm(x.reshape(T * heads, D), None, norm.weight, self.eps)[0].view(T, heads, D)
+
+    def __call__(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
+        k_ = self.kernels
+        T, D = embeds.shape[0], self.head_dim
+        hidden, residual = embeds, None
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x, residual = k_.add_rms_norm(hidden, residual, layer.input_layernorm.weight, self.eps)
+            q = attn.q_proj(x).view(T, -1, D)
+            k = attn.k_proj(x).view(T, -1, D)
+            v = attn.v_proj(x).view(T, -1, D)
+            if self.qk_norm:
+                q, k = self.head_norm(q, attn.q_norm), self.head_norm(k, attn.k_norm)
+            q = k_.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions, self.cos, self.sin)
+            out = self.attention(q, cache.k[i], cache.v[i], meta)
+            hidden = attn.o_proj(out.view(T, -1))
+            x, residual = k_.add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)
+            hidden = layer.mlp(x)
+        return k_.add_rms_norm(hidden, residual, self.norm.weight, self.eps)[0]
+
+
+class GPT2Forward:
+    """GPT-2: learned positions, LayerNorm, Conv1D projections ([in, out] weights), gelu_new MLP."""
+
+    def __init__(self, causal_lm, kernels: SimpleNamespace, max_positions: int):
+        base, config = causal_lm.transformer, causal_lm.config
+        self.kernels = kernels
+        self.blocks = list(base.h)
+        self.wpe, self.ln_f = base.wpe, base.ln_f
+        self.eps = config.layer_norm_epsilon
+        self.hidden = config.n_embd
+        self.head_dim = self.blocks[0].attn.head_dim
+        self.num_kv_heads = config.n_head
+        # the scale may differ per layer (scale_attn_by_inverse_layer_idx)
+        self.attention = [PagedAttention(kernels, block.attn.scaling) for block in self.blocks]
+
+    def __call__(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
+        k_ = self.kernels
+        T, H, D = embeds.shape[0], self.hidden, self.head_dim
+        hidden, residual = embeds + self.wpe(meta.positions), None
+        for i, block in enumerate(self.blocks):
+            x, residual = k_.add_layer_norm(hidden, residual, block.ln_1.weight, block.ln_1.bias, self.eps)
+            q, k, v = (t.reshape(T, -1, D).contiguous() for t in block.attn.c_attn(x).split(H, dim=-1))
+            k_.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
+            out = self.attention[i](q, cache.k[i], cache.v[i], meta)
+            hidden = block.attn.c_proj(out.view(T, H))
+            x, residual = k_.add_layer_norm(hidden, residual, block.ln_2.weight, block.ln_2.bias, self.eps)
+            hidden = block.mlp(x)
+        return k_.add_layer_norm(hidden, residual, self.ln_f.weight, self.ln_f.bias, self.eps)[0]
+
+
+def build_forward(causal_lm, kernels: SimpleNamespace, max_positions: int):
+    """The engine forward for `causal_lm`'s family; other families are a clear error."""
+    family = getattr(causal_lm.config, "model_type", None)
+    if family == "gpt2":
+        return GPT2Forward(causal_lm, kernels, max_positions)
+    if family in LLAMA_FAMILY:
+        return LlamaForward(causal_lm, kernels, max_positions)
+    raise NotImplementedError(f"the paged engine supports the model families {FAMILIES}, got {family!r}")

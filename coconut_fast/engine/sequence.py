@@ -1,0 +1,154 @@
+"""One request's state: its tokens, its continuous thoughts, its place in the KV cache."""
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from ..generation import _warpers
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"  # nothing computed since admission (a new or a preempted request)
+    THINKING = "thinking"  # the next input is a continuous thought
+    ANSWERING = "answering"  # the next input is a generated or trailing prompt token
+    FINISHED = "finished"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request's answer is decoded; the defaults are greedy, like `CoconutModel.generate`.
+
+    `eos_token_ids=None` means the tokenizer's EOS; `seed` makes sampling reproducible per request.
+    """
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if self.do_sample:
+            _warpers(self.temperature, self.top_k, self.top_p)  # validates the three values
+
+
+class Sequence:
+    """A request: prompt (with `<|latent|>` slots) + generated tokens, and the thoughts computed so far.
+
+    A latent slot's input is the thought computed at the position before it, so a step can run
+    the positions from `num_computed` up to the first slot whose thought is still unknown
+    (`next_chunk_end`). Thoughts and generated tokens survive preemption: a preempted request
+    is recomputed from them, never resampled.
+    """
+
+    def __init__(self, seq_id: int, prompt: list[int], latent_id: int, sampling: SamplingParams, eos: tuple[int, ...]):
+        if not prompt:
+            raise ValueError(f"request {seq_id}: the prompt is empty")
+        self.seq_id = seq_id
+        self.token_ids = list(prompt)
+        self.prompt_len = len(prompt)
+        self.latent_positions = [p for p, t in enumerate(prompt) if t == latent_id]
+        if self.latent_positions and self.latent_positions[0] == 0:
+            raise ValueError(f"request {seq_id}: a latent slot at position 0 has no preceding hidden state")
+        self.thoughts: list[torch.Tensor] = []
+        self.sampling = sampling
+        self.eos = eos
+        self.generator: torch.Generator | None = None
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed = 0  # positions whose K/V are in the cache
+        self.num_cached_tokens = 0  # of those, positions found in shared prefix blocks at admission
+        self.block_table: list[int] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------ sizes
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_thoughts(self) -> int:
+        return len(self.latent_positions)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def max_length(self) -> int:
+        """Longest the request can grow: prompt + every allowed new token."""
+        return self.prompt_len + self.sampling.max_new_tokens
+
+    @property
+    def shareable_len(self) -> int:
+        """Leading prompt positions whose K/V depend on tokens only, minus the last one, whose
+        hidden state the first step must still produce."""
+        first_latent = self.latent_positions[0] if self.latent_positions else self.prompt_len
+        return first_latent - 1
+
+    # ------------------------------------------------------------ progress
+    @property
+    def phase(self) -> Phase:
+        if self.status is Status.FINISHED:
+            return Phase.FINISHED
+        if self.num_computed == self.num_cached_tokens:  # nothing computed since admission
+            return Phase.PREFILL
+        if self.thought_slots(self.num_computed, self.num_computed + 1):
+            return Phase.THINKING
+        return Phase.ANSWERING
+
+    def next_chunk_end(self) -> int:
+        """End (exclusive) of the positions whose inputs are known from `num_computed` on."""
+        j = len(self.thoughts)
+        return self.latent_positions[j] if j < self.num_thoughts else len(self.token_ids)
+
+    def thought_slots(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(position, thought index) of the latent slots in [start, end)."""
+        lo = bisect.bisect_left(self.latent_positions, start)
+        hi = bisect.bisect_left(self.latent_positions, end)
+        return [(self.latent_positions[j], j) for j in range(lo, hi)]
+
+    def wants_token(self, end: int) -> bool:
+        """After computing up to `end`, is the next input a new token (else a new thought)?"""
+        return end == len(self.token_ids)
+
+    def add_thought(self, thought: torch.Tensor) -> None:
+        self.thoughts.append(thought)
+
+    def add_token(self, token: int) -> None:
+        self.token_ids.append(token)
+        if token in self.eos:
+            self.finish_reason = "eos"
+        elif len(self.output_token_ids) >= self.sampling.max_new_tokens:
+            self.finish_reason = "length"
+
+    def reset_cache_state(self) -> None:
+        """Forget the cached K/V (blocks freed): a later admission recomputes it."""
+        self.num_computed = 0
+        self.num_cached_tokens = 0
+        self.block_table = []
+
+
+@dataclass
+class RequestOutput:
+    """A finished request: its prompt ids, new tokens (EOS included when produced), thoughts [k, H]."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    thoughts: torch.Tensor
+    finish_reason: str
+    text: str | None = None
+    num_preemptions: int = 0

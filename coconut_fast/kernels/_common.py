@@ -1,0 +1,78 @@
+"""The triton import (optional) and the argument checks shared by the kernel launchers."""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the kernel modules still import, so their torch references stay usable
+    HAS_TRITON = False
+
+    class _NoTriton:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def require_triton(x: torch.Tensor) -> None:
+    """The launchers run on CUDA tensors, or on CPU tensors in triton's interpreter (TRITON_INTERPRET=1)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use the *_reference functions or install triton")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}; "
+                           "use the *_reference functions")
+
+
+def expect(ok: bool, name: str, what: str, got) -> None:
+    """Raise a ValueError naming the argument, what was expected and what was given."""
+    if not ok:
+        raise ValueError(f"{name}: expected {what}, got {got}")
+
+
+def expect_tensor(x, name: str, ndim: int, dtypes=FLOAT_DTYPES) -> None:
+    expect(isinstance(x, torch.Tensor), name, "a torch.Tensor", type(x).__name__)
+    expect(x.dim() == ndim, name, f"{ndim} dimensions", tuple(x.shape))
+    expect(x.dtype in dtypes, name, f"dtype in {[str(d) for d in dtypes]}", x.dtype)
+
+
+def expect_same_device(x: torch.Tensor, **others) -> None:
+    for name, other in others.items():
+        expect(other.device == x.device, name, f"a tensor on {x.device} (the device of the queries/inputs)",
+               other.device)
+
+
+def expect_out(out, like: torch.Tensor) -> None:
+    """An optional output buffer: None, or a tensor of the shape, dtype and device of `like`."""
+    if out is not None:
+        expect(isinstance(out, torch.Tensor) and out.shape == like.shape and out.dtype == like.dtype
+               and out.device == like.device and out.stride(-1) == 1, "out",
+               f"None or a tensor of shape {tuple(like.shape)}, {like.dtype} on {like.device}",
+               (getattr(out, "shape", None), getattr(out, "dtype", None)))
+
+
+def expect_paged_cache(k_cache, v_cache) -> None:
+    """k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype."""
+    expect_tensor(k_cache, "k_cache", 4)
+    expect_tensor(v_cache, "v_cache", 4)
+    expect(v_cache.shape == k_cache.shape, "v_cache", f"the shape of k_cache {tuple(k_cache.shape)}",
+           tuple(v_cache.shape))
+    expect(v_cache.dtype == k_cache.dtype, "v_cache", f"the dtype of k_cache {k_cache.dtype}", v_cache.dtype)
+    expect(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "k_cache/v_cache", "a contiguous last dimension",
+           (k_cache.stride(), v_cache.stride()))
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence, [length, num_kv_heads, head_dim] in float32."""
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+    return cache[blocks].flatten(0, 1)[:length].float()
