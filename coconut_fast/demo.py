@@ -1,144 +1,158 @@
-"""A first run on the embedded default: ProsQA-style data, the local tokenizer and a small GPT-2, all
-built on this machine. Trains briefly through the curriculum (CoT, then latent stages), checks the
-fast forward against the reference, and evaluates with batched Coconut generation.
+"""The main job on the embedded default: ProsQA-style data, the local tokenizer and a small GPT-2, all
+built on this machine, trained through the Coconut curriculum by the trainer (CoT stage, then latent
+stages), evaluated with batched generation, and the fast training path timed against the reference.
+
+"CoT" is the model at the end of stage 0 (it answers with the written steps); "Coconut" is the same
+run at its last stage (the first steps replaced by continuous thoughts).
 """
 from __future__ import annotations
 
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .data import (
-    CoconutCollator,
-    CurriculumConfig,
-    answer_matches,
-    build_eval_example,
-    build_training_example,
-    default_tokenizer,
-    generate_prosqa,
-    stage_for_epoch,
-    tokenize_record,
-)
+from .data import build_training_set, default_tokenizer, generate_prosqa
 from .data.prosqa import write_json
-from .generation import left_pad
-from .model import CoconutModel
 from .reference import reference_forward
 from .tiny import tiny_model
+from .training.config import TrainConfig
+from .training.trainer import Trainer
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    train_records: int = 1000
-    valid_records: int = 64
-    max_latent_stage: int = 2
-    epochs_per_stage: int = 2
+    train_records: int = 12000
+    valid_records: int = 300
+    # graph size of the generated questions: reasoning steps and nodes
+    min_steps: int = 1
+    max_steps: int = 1
+    min_nodes: int = 4
+    max_nodes: int = 5
     c_thought: int = 1
-    batch_size: int = 16
-    lr: float = 2e-3
-    hidden: int = 128
-    layers: int = 4
+    max_latent_stage: int = 1
+    epochs_per_stage: int = 1
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    family: str = "gpt2"
+    hidden: int = 64
+    layers: int = 2
     heads: int = 4
     seed: int = 0
+    timing_batches: int = 3
+    # "parallel": train the thoughts by Jacobi iteration (exact when jacobi_iterations >= thoughts)
+    latent_mode: str = "sequential"
+    jacobi_iterations: int = 1
 
 
-def _batches(examples, batch_size, collate):
-    for i in range(0, len(examples), batch_size):
-        yield collate(examples[i : i + batch_size])
+def _time_training_steps(cm, batches, reference: bool) -> tuple[float, list[float]]:
+    """Seconds for forward+backward over `batches`, and each batch's loss; gradients are discarded."""
+    losses, start = [], time.perf_counter()
+    for b in batches:
+        if reference:
+            loss = reference_forward(cm.model, b["input_ids"], cm.latent_ids.latent, b["attention_mask"], b["labels"],
+                                     b["position_ids"])[0]
+        else:
+            loss = cm(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"]).loss
+        loss.backward()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    cm.zero_grad(set_to_none=True)
+    return seconds, losses
 
 
-def evaluate(cm: CoconutModel, records, tokenized, stage, cfg: CurriculumConfig, batch_size=32):
-    """Accuracy (official metric), mean generated tokens, and the generated texts at `stage`."""
-    cm.model.eval()
-    tok = cm.tokenizer
-    correct, n_tokens, texts = 0, 0, []
-    for i in range(0, len(records), batch_size):
-        prompts = [build_eval_example(r, stage, cfg, cm.latent_ids)["input_ids"] for r in tokenized[i : i + batch_size]]
-        out = cm.generate(*left_pad(prompts, tok.pad_token_id), max_new_tokens=64, return_dict_in_generate=True)
-        for b, rec in enumerate(records[i : i + batch_size]):
-            new = out.sequences[b, out.prompt_length :].tolist()
-            new = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
-            n_tokens += len(new)
-            texts.append(tok.decode(new, skip_special_tokens=True))
-            correct += answer_matches(tok.decode(prompts[b] + new, skip_special_tokens=True), rec["answer"])
-    return correct / len(records), n_tokens / len(records), texts
+def _eval_row(save_dir: Path, epoch: int) -> dict:
+    report = json.loads((save_dir / "eval" / f"epoch_{epoch}.json").read_text())
+    return {k: report[k] for k in ("accuracy", "cot_match", "generated_tokens", "num_samples")} | {
+        "samples": report["samples"][:2]}
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    records = generate_prosqa(cfg.train_records + cfg.valid_records, seed=cfg.seed)
+    t_start = time.perf_counter()
+    records = generate_prosqa(cfg.train_records + cfg.valid_records, seed=cfg.seed, min_steps=cfg.min_steps,
+                              max_steps=cfg.max_steps, min_nodes=cfg.min_nodes, max_nodes=cfg.max_nodes)
     train, valid = records[: cfg.train_records], records[cfg.train_records :]
     for name, part in (("train", train), ("valid", valid)):
         write_json(part, out / f"prosqa_{name}.json")
     tok = default_tokenizer()
-    model = tiny_model("gpt2", len(tok), seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, context=1024)
-    cm = CoconutModel.from_pretrained(model, tokenizer=tok)
-    train_tok = [tokenize_record(r, tok, idx=i) for i, r in enumerate(train)]
-    valid_tok = [tokenize_record(r, tok, idx=i) for i, r in enumerate(valid)]
-    curriculum = CurriculumConfig(
-        mode="coconut", c_thought=cfg.c_thought, epochs_per_stage=cfg.epochs_per_stage,
-        max_latent_stage=cfg.max_latent_stage,
+    model = tiny_model(cfg.family, len(tok), seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                       context=512)
+    print(f"data: {len(train)} train / {len(valid)} held-out ProsQA-style questions ({cfg.min_steps}-{cfg.max_steps} "
+          f"steps) in {out}; vocabulary {len(tok)}; model: {cfg.family} "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    stages = cfg.max_latent_stage + 1
+    config = TrainConfig(
+        save_path=str(out), name="train", coconut=True, c_thought=cfg.c_thought, epochs_per_stage=cfg.epochs_per_stage,
+        max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=True, model_id=f"tiny:{cfg.family}", seed=cfg.seed,
+        batch_size_training=cfg.batch_size, num_epochs=stages * cfg.epochs_per_stage, lr=cfg.lr, weight_decay=0.01,
+        lr_scheduler="cosine", warmup_steps=cfg.warmup_steps, max_grad_norm=1.0, adam_betas=[0.9, 0.98],
+        eval_batch_size=64, max_new_tokens=48, val_loss=False, save_only_improve=False,
+        latent_mode=cfg.latent_mode, jacobi_iterations=cfg.jacobi_iterations if cfg.latent_mode == "parallel" else None,
     )
-    collate = CoconutCollator(tok.pad_token_id, cm.latent_ids.latent)
-    print(f"data: {len(train)} train / {len(valid)} valid ProsQA-style records in {out}; vocabulary {len(tok)}; "
-          f"model: GPT-2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    trainer = Trainer(config, model=model, tokenizer=tok, train_records=train, val_records=valid)
+    run = trainer.run()
+    cm = trainer.coconut
+    t_train = time.perf_counter() - t_start
 
-    results = {"stages": []}
-    num_epochs = (cfg.max_latent_stage + 1) * cfg.epochs_per_stage
-    optimizer = torch.optim.AdamW(cm.parameters(), lr=cfg.lr)
-    for epoch in range(num_epochs):
-        stage = stage_for_epoch(curriculum, epoch)
-        order = list(range(len(train_tok)))
-        rng.shuffle(order)
-        examples = [build_training_example(train_tok[i], stage, curriculum, cm.latent_ids, rng) for i in order]
-        cm.model.train()
-        losses = []
-        bar = tqdm(list(_batches(examples, cfg.batch_size, collate)), desc=f"epoch {epoch + 1}/{num_epochs} stage {stage}")
-        for batch in bar:
-            loss = cm(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc, gen, texts = evaluate(cm, valid, valid_tok, stage, curriculum)
-        results["stages"].append({"epoch": epoch + 1, "stage": stage, "train_loss": sum(losses) / len(losses), "accuracy": acc, "generated_tokens": gen})
-
-    # fast path against the reference on one latent batch of the last stage
-    cm.model.eval()
-    batch = collate(examples[: cfg.batch_size])
-    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
-    t0 = time.perf_counter()
-    fast = cm(*args).loss
-    fast.backward()
-    t1 = time.perf_counter()
-    cm.zero_grad()
-    ref, _, _ = reference_forward(cm.model, batch["input_ids"], cm.latent_ids.latent, *args[1:])
-    ref.backward()
-    t2 = time.perf_counter()
-    cm.zero_grad()
-    results["parity"] = {"fast_loss": fast.item(), "reference_loss": ref.item(),
-                         "fast_s": t1 - t0, "reference_s": t2 - t1}
+    # fast path against the reference: the same training batches of the last stage, forward + backward
+    last_stage = cfg.max_latent_stage
+    examples = build_training_set(trainer.train_tok, config.num_epochs - 1, trainer.curriculum, cm.latent_ids,
+                                  random.Random(cfg.seed))
+    batches = [trainer.collate(examples[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+               for i in range(cfg.timing_batches)]
+    cm.train()
+    _time_training_steps(cm, batches[:1], reference=False)  # warm-up
+    fast_s, fast_losses = _time_training_steps(cm, batches, reference=False)
+    ref_s, ref_losses = _time_training_steps(cm, batches, reference=True)
+    cm.eval()
     cm.save_pretrained(out / "model")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n{'epoch':>5} {'stage':>5} {'thoughts':>8} {'train loss':>10} {'accuracy':>8} {'gen tokens':>10}")
-    for r in results["stages"]:
-        print(f"{r['epoch']:>5} {r['stage']:>5} {r['stage'] * cfg.c_thought:>8} {r['train_loss']:>10.3f} "
-              f"{r['accuracy']:>8.2%} {r['generated_tokens']:>10.1f}")
-    print(f"\nlast stage, {stage * cfg.c_thought} thoughts per question; two validation questions:")
-    for rec, text in list(zip(valid, texts))[:2]:
-        print(f"  ...{rec['question'][-40:]!r}\n    generated {text.strip()!r}\n    expected  {rec['answer']!r}")
-    p = results["parity"]
-    print(f"\nforward+backward on {cfg.batch_size} sequences at stage {stage}: fast {p['fast_s']:.2f}s, "
-          f"reference {p['reference_s']:.2f}s; loss {p['fast_loss']:.6f} vs {p['reference_loss']:.6f}")
-    print(f"model saved to {out / 'model'}; results in {out / 'results.json'}")
+    cot_epoch, last_epoch = cfg.epochs_per_stage, config.num_epochs
+    results = {
+        "config": asdict(cfg),
+        "epochs": [{k: v for k, v in row.items() if k in ("epoch", "stage", "train_loss", "accuracy", "cot_match",
+                                                          "generated_tokens")} for row in run["epochs"]],
+        "cot": {"epoch": cot_epoch, "stage": 0, **_eval_row(trainer.save_dir, cot_epoch)},
+        "coconut": {"epoch": last_epoch, "stage": last_stage, "thoughts": last_stage * cfg.c_thought,
+                    **_eval_row(trainer.save_dir, last_epoch)},
+        "timing": {"stage": last_stage, "batch_size": cfg.batch_size, "batches": cfg.timing_batches,
+                   "fast_s": fast_s, "reference_s": ref_s, "fast_losses": fast_losses,
+                   "reference_losses": ref_losses},
+        "train_seconds": t_train,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _print_summary(results, out)
     return results
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    print(f"\n{'epoch':>5} {'stage':>5} {'train loss':>10} {'accuracy':>8} {'gen tokens':>10}")
+    for r in results["epochs"]:
+        acc = f"{r['accuracy']:>8.1%}" if "accuracy" in r else f"{'-':>8}"
+        gen = f"{r['generated_tokens']:>10.1f}" if "generated_tokens" in r else f"{'-':>10}"
+        print(f"{r['epoch']:>5} {r['stage']:>5} {r.get('train_loss', float('nan')):>10.4f} {acc} {gen}")
+    cot, coconut, t = results["cot"], results["coconut"], results["timing"]
+    n = coconut["num_samples"]
+    print(f"\nheld-out questions: {n} (two options each: chance is 50%)")
+    print(f"{'':<34} {'accuracy':>8} {'generated tokens':>17}")
+    print(f"{'CoT (stage 0, written steps)':<34} {cot['accuracy']:>8.1%} {cot['generated_tokens']:>17.1f}")
+    label = f"Coconut (stage {coconut['stage']}, {coconut['thoughts']} thought{'s' * (coconut['thoughts'] != 1)})"
+    print(f"{label:<34} {coconut['accuracy']:>8.1%} {coconut['generated_tokens']:>17.1f}")
+    for s in coconut["samples"][:1]:
+        print(f"  e.g. ...{s['text'].splitlines()[0][-60:]!r}\n       generated {s['generated'].strip()!r}, "
+              f"expected {s['answer']!r}")
+    diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(t["fast_losses"], t["reference_losses"]))
+    print(f"\ntraining forward+backward, stage {t['stage']}, {t['batches']} batches of {t['batch_size']}: "
+          f"fast {t['fast_s']:.2f}s, reference {t['reference_s']:.2f}s ({t['reference_s'] / t['fast_s']:.1f}x); "
+          f"losses agree to {diff:.1e} relative")
+    print(f"trained in {results['train_seconds']:.0f}s, total {results['total_seconds']:.0f}s; model in {out / 'model'}, "
+          f"checkpoints and eval JSON in {out / 'train'}, results in {out / 'results.json'}")

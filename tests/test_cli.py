@@ -17,16 +17,24 @@ def test_generate_data_and_stats(tmp_path, capsys):
     assert stats["records"] == 25 and 3 <= stats["steps_mean"] <= 6
 
 
-def test_miniature_demo_runs_end_to_end(tmp_path):
+def test_miniature_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--train-records", "24", "--valid-records", "4", "--max-latent-stage", "1",
-            "--epochs-per-stage", "1", "--batch-size", "8", "--hidden", "32", "--layers", "1", "--heads", "2"]
+            "--epochs-per-stage", "1", "--batch-size", "8", "--hidden", "32", "--layers", "1", "--heads", "2",
+            "--warmup-steps", "1", "--timing-batches", "2"]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "CoT (stage 0" in printed and "Coconut (stage 1, 1 thought)" in printed
     results = json.loads((out / "results.json").read_text())
-    assert [r["stage"] for r in results["stages"]] == [0, 1]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["generated_tokens"] > 0 for r in results["stages"])
-    parity = results["parity"]
-    assert abs(parity["fast_loss"] - parity["reference_loss"]) <= 1e-5 * abs(parity["reference_loss"])
+    assert [r["stage"] for r in results["epochs"]] == [0, 1]
+    for row in (results["cot"], results["coconut"]):
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["generated_tokens"] > 0 and row["num_samples"] == 4
+    assert results["cot"]["accuracy"] == results["epochs"][0]["accuracy"]
+    timing = results["timing"]
+    assert len(timing["fast_losses"]) == len(timing["reference_losses"]) == 2
+    for fast, ref in zip(timing["fast_losses"], timing["reference_losses"]):
+        assert abs(fast - ref) <= 1e-5 * abs(ref)
     cm = CoconutModel.from_pretrained(out / "model")
     assert cm.latent_ids.latent == cm.tokenizer.convert_tokens_to_ids("<|latent|>")
     assert len(load_records(out / "prosqa_train.json")) == 24
+    assert (out / "train" / "eval" / "epoch_2.json").is_file()

@@ -171,3 +171,10 @@ def test_bad_backend_is_named():
     ids, mask = batch(cm)
     with pytest.raises(ValueError, match="backend must be one of .*'vllm'"):
         cm.generate(ids, mask, num_thoughts=1, backend="vllm")
+
+
+def test_a_memory_fraction_too_small_for_one_block_is_named():
+    from coconut_fast.engine import LLM
+
+    with pytest.raises(ValueError, match="memory_fraction 1e-30 .* holds no cache block"):
+        LLM(paged_model("gpt2"), memory_fraction=1e-30)

@@ -93,3 +93,15 @@ def test_torchrun_two_processes_follow_the_single_run(run_dir):
         assert a["samples"] == b["samples"]  # samples counted over both ranks
     assert ckpt.latest_checkpoint(run_dir / "runs" / "tiny-ddp")[0].name == "checkpoint_2"
     assert done.stdout.count("last epoch:") == 1  # rank 0 reports
+
+
+def test_config_errors_are_reported_not_raised(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("coconut: True\nlearning_rate: 0.1\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "coconut-fast train: error:" in err and "unknown config key(s): learning_rate" in err
+    assert main(["train", str(config_path("tiny.yaml")), "--set", "lr"]) == 2
+    assert "--set expects KEY=VALUE, got 'lr'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

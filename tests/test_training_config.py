@@ -159,6 +159,7 @@ def test_mode_flags_select_the_curriculum(flags, mode):
     ({"reset_optimizer_at_stage_change": True}, "needs reset_optimizer: True"),
     ({"uniform_prob": 1.5}, "uniform_prob must be in"),
     ({"tiny_size": {"width": 3}}, "tiny_size has unknown key"),
+    ({"only_eval": True, "resume": 3, "num_epochs": 3}, r"resume` \(3\), which must be < num_epochs \(3\)"),
 ])
 def test_bad_values_are_named(values, message):
     with pytest.raises(ValueError, match=message):

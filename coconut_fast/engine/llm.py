@@ -75,6 +75,9 @@ class LLM:
             per_block = ModelRunner.cache_block_bytes(causal_lm, block_size)
             fits = PagedKVCache.blocks_from_memory(fraction, per_block, self.device)
             num_blocks = min(fits, max_num_seqs * -(-self.max_positions // block_size))
+            if num_blocks < 1:
+                raise ValueError(f"memory_fraction {fraction} of the free {self.device.type} memory holds no cache block "
+                                 f"of {per_block} bytes; raise memory_fraction or pass num_blocks")
         self.blocks = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(causal_lm, num_blocks, block_size, self.max_positions, kernels)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-
+import sys
 
 import yaml
 
@@ -33,7 +33,11 @@ def run(args) -> int:
 
     from .trainer import train
 
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"coconut-fast train: error: {e}", file=sys.stderr)
+        return 2
     try:
         results = train(config)
     finally:

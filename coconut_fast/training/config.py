@@ -194,6 +194,9 @@ class TrainConfig:
                      "eval_batch_size", "eval_every_epochs", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.only_eval and self.resume >= self.num_epochs:
+            raise ValueError(f"only_eval evaluates the stage of epoch `resume` ({self.resume}), which must be "
+                             f"< num_epochs ({self.num_epochs})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.uniform_prob <= 1.0:
