@@ -26,7 +26,7 @@ from .training.trainer import Trainer
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    train_records: int = 12000
+    train_records: int = 40000
     valid_records: int = 300
     # graph size of the generated questions: reasoning steps and nodes
     min_steps: int = 1
