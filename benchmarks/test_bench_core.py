@@ -28,7 +28,7 @@ def setup():
     return cm, records
 
 
-@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("path", ["fast", "paged", "reference"])
 def test_generate_six_thoughts(benchmark, setup, path):
     cm, records = setup
     cfg = CurriculumConfig(mode="coconut", max_latent_stage=6, pad_latent_to_max=True)
@@ -36,8 +36,9 @@ def test_generate_six_thoughts(benchmark, setup, path):
 
     def run():
         with torch.no_grad():
-            if path == "fast":
-                return cm.generate(*left_pad(prompts, cm.tokenizer.pad_token_id), max_new_tokens=16)
+            if path in ("fast", "paged"):
+                backend = "torch" if path == "fast" else "paged"  # paged: the engine, torch-reference kernels on CPU
+                return cm.generate(*left_pad(prompts, cm.tokenizer.pad_token_id), max_new_tokens=16, backend=backend)
             return [reference_generate(cm.model, p, cm.latent_ids.latent, cm.tokenizer.eos_token_id, 16) for p in prompts]
 
     benchmark.extra_info["samples"] = BATCH
