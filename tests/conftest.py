@@ -37,6 +37,15 @@ def make_coconut(family: str, seed: int = 0, **size) -> CoconutModel:
     return cm
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a busy machine (use via pytestmark)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tokenizer():
     return word_tokenizer()

@@ -1,5 +1,4 @@
 """Shared pieces of the engine tests: tiny models with varied answers, reference answers, checks."""
-import pytest
 import torch
 
 from coconut_fast.reference import reference_generate
@@ -45,11 +44,3 @@ def assert_all_blocks_free(llm):
     assert all(b.ref_count == 0 for b in llm.blocks.blocks)
     assert not llm.has_unfinished()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; several threads on a loaded machine spin for nothing."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

@@ -13,7 +13,9 @@ import torch
 from coconut_fast.engine import engine_for
 from coconut_fast.generation import left_pad
 from coconut_fast.tiny import FAMILIES
-from engine_helpers import engine_model, full_prompt, single_thread  # noqa: F401 (autouse fixture)
+from engine_helpers import engine_model, full_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 QUESTIONS = [[5, 6, 7, 8, 9, 10], [1, 2, 3], [12, 13, 14, 15, 16, 17, 18, 19, 20], [4, 5]]
 

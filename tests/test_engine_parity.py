@@ -10,7 +10,9 @@ from coconut_fast.reference import reference_generate
 from coconut_fast.tiny import FAMILIES
 from conftest import make_coconut
 from engine_helpers import (EOS, assert_all_blocks_free, assert_matches_reference, engine_model, full_prompt,
-                            reference, single_thread)  # noqa: F401 (single_thread: autouse fixture)
+                            reference)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 QUESTIONS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [4]]
 COUNTS = [3, 0, 5, 1]

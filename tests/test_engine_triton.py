@@ -9,10 +9,10 @@ import torch
 
 from coconut_fast.engine import LLM, Phase, SamplingParams
 from coconut_fast.kernels import triton_enabled
-from engine_helpers import (assert_all_blocks_free, assert_matches_reference, engine_model, full_prompt,
-                            single_thread)  # noqa: F401 (single_thread: autouse fixture)
+from engine_helpers import assert_all_blocks_free, assert_matches_reference, engine_model, full_prompt
 
-pytestmark = pytest.mark.skipif(not triton_enabled(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not triton_enabled(), reason="needs triton with CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("one_thread")]
 
 QUESTIONS, COUNTS, NEW_TOKENS = [[5, 6, 7, 8], [1, 2], [12, 13, 14]], [0, 3, 1], 4
 

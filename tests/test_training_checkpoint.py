@@ -11,7 +11,9 @@ from coconut_fast.training import checkpoint as ckpt
 from coconut_fast.training import train
 from coconut_fast.training.distributed import DistContext
 from coconut_fast.training.trainer import build_model
-from training_setup import local_tokenizer, one_thread, run_config, tiny_gpt2, tiny_records  # noqa: F401
+from training_setup import local_tokenizer, run_config, tiny_gpt2, tiny_records
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 TRAIN, VAL = tiny_records(16, seed=3), tiny_records(3, seed=4)
 

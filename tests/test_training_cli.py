@@ -12,7 +12,8 @@ from coconut_fast.cli import main
 from coconut_fast.configs import config_path
 from coconut_fast.data import answer_matches, load_records
 from coconut_fast.training import checkpoint as ckpt
-from training_setup import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 # the bundled tiny.yaml, with a global batch of 8 as 2 accumulated micro-batches of 4
 SINGLE = ["--set", "batch_size_training=4", "--set", "gradient_accumulation_steps=2"]

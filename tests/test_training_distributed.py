@@ -11,7 +11,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from coconut_fast.training import train
-from training_setup import local_tokenizer, one_thread, run_config, tiny_gpt2, tiny_records  # noqa: F401
+from training_setup import local_tokenizer, run_config, tiny_gpt2, tiny_records
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 TRAIN, VAL = tiny_records(16, seed=21), tiny_records(5, seed=22)  # 5 questions: 3 on rank 0, 2 on rank 1
 WORLD = 2

@@ -7,7 +7,9 @@ from coconut_fast.data import answer_matches, build_eval_example, extract_answer
 from coconut_fast.generation import left_pad
 from coconut_fast.training import evaluate_generation, train
 from coconut_fast.training.trainer import build_model
-from training_setup import local_tokenizer, one_thread, run_config, tiny_gpt2, tiny_records  # noqa: F401
+from training_setup import local_tokenizer, run_config, tiny_gpt2, tiny_records
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 STAGE, NEW_TOKENS, BATCH = 1, 12, 3
 

@@ -7,7 +7,9 @@ from coconut_fast.model import OFFICIAL_PREFIX
 from coconut_fast.training import checkpoint as ckpt
 from coconut_fast.training import train
 from coconut_fast.training.trainer import build_model
-from training_setup import local_tokenizer, one_thread, run_config, tiny_gpt2, tiny_records  # noqa: F401
+from training_setup import local_tokenizer, run_config, tiny_gpt2, tiny_records
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 TRAIN, VAL = tiny_records(8, seed=5), tiny_records(2, seed=6)
 STEPS = 2  # optimizer steps per epoch: 8 records, batches of 4

@@ -1,7 +1,6 @@
 """Small ProsQA-style data, a local tokenizer and tiny GPT-2 models for the training tests."""
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
@@ -39,11 +38,3 @@ def run_config(tmp_path, **overrides) -> TrainConfig:
     values.update(overrides)
     return TrainConfig.from_dict(values)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
