@@ -7,6 +7,7 @@ run at its last stage (the first steps replaced by continuous thoughts).
 """
 from __future__ import annotations
 
+import csv
 import json
 import random
 import time
@@ -72,6 +73,15 @@ def _eval_row(save_dir: Path, epoch: int) -> dict:
         "samples": report["samples"][:2]}
 
 
+def _epoch_rows(save_dir: Path) -> list[dict]:
+    """Per-epoch metrics from the trainer's eval_log.csv (also the epochs of a run resumed here)."""
+    with open(save_dir / "eval_log.csv", newline="") as f:
+        last = {int(r["epoch"]): r for r in csv.DictReader(f)}  # a repeated epoch: its newest row
+    return [{"epoch": e, "stage": int(r["stage"]), "train_loss": float(r["train_loss"]) if r["train_loss"] else None,
+             "accuracy": float(r["accuracy"]), "cot_match": float(r["cot_match"]),
+             "generated_tokens": float(r["generated_tokens"])} for e, r in sorted(last.items())]
+
+
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +108,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         latent_mode=cfg.latent_mode, jacobi_iterations=cfg.jacobi_iterations if cfg.latent_mode == "parallel" else None,
     )
     trainer = Trainer(config, model=model, tokenizer=tok, train_records=train, val_records=valid)
-    run = trainer.run()
+    trainer.run()  # resumes an interrupted run in the same directory; a finished one is only reported
     cm = trainer.coconut
     t_train = time.perf_counter() - t_start
 
@@ -118,8 +128,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     cot_epoch, last_epoch = cfg.epochs_per_stage, config.num_epochs
     results = {
         "config": asdict(cfg),
-        "epochs": [{k: v for k, v in row.items() if k in ("epoch", "stage", "train_loss", "accuracy", "cot_match",
-                                                          "generated_tokens")} for row in run["epochs"]],
+        "epochs": _epoch_rows(trainer.save_dir),
         "cot": {"epoch": cot_epoch, "stage": 0, **_eval_row(trainer.save_dir, cot_epoch)},
         "coconut": {"epoch": last_epoch, "stage": last_stage, "thoughts": last_stage * cfg.c_thought,
                     **_eval_row(trainer.save_dir, last_epoch)},
@@ -139,7 +148,8 @@ def _print_summary(results: dict, out: Path) -> None:
     for r in results["epochs"]:
         acc = f"{r['accuracy']:>8.1%}" if "accuracy" in r else f"{'-':>8}"
         gen = f"{r['generated_tokens']:>10.1f}" if "generated_tokens" in r else f"{'-':>10}"
-        print(f"{r['epoch']:>5} {r['stage']:>5} {r.get('train_loss', float('nan')):>10.4f} {acc} {gen}")
+        loss = f"{r['train_loss']:>10.4f}" if r.get("train_loss") is not None else f"{'-':>10}"
+        print(f"{r['epoch']:>5} {r['stage']:>5} {loss} {acc} {gen}")
     cot, coconut, t = results["cot"], results["coconut"], results["timing"]
     n = coconut["num_samples"]
     print(f"\nheld-out questions: {n} (two options each: chance is 50%)")

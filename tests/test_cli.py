@@ -38,3 +38,9 @@ def test_miniature_demo_runs_end_to_end(tmp_path, capsys):
     assert cm.latent_ids.latent == cm.tokenizer.convert_tokens_to_ids("<|latent|>")
     assert len(load_records(out / "prosqa_train.json")) == 24
     assert (out / "train" / "eval" / "epoch_2.json").is_file()
+    # run again: the finished run is found and reported, not retrained
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "found a previous run" in printed and "Coconut (stage 1, 1 thought)" in printed
+    again = json.loads((out / "results.json").read_text())
+    assert again["epochs"] == results["epochs"] and again["coconut"]["accuracy"] == results["coconut"]["accuracy"]
