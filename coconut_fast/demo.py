@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import build_training_set, default_tokenizer, generate_prosqa
+from .data import build_training_set, default_tokenizer, generate_prosqa, stage_for_epoch
 from .data.prosqa import write_json
 from .reference import reference_forward
 from .tiny import tiny_model
@@ -27,25 +27,28 @@ from .training.trainer import Trainer
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    train_records: int = 40000
+    train_records: int = 80000
     valid_records: int = 300
     # graph size of the generated questions: reasoning steps and nodes
     min_steps: int = 1
     max_steps: int = 1
     min_nodes: int = 4
-    max_nodes: int = 5
+    max_nodes: int = 4
     c_thought: int = 1
     max_latent_stage: int = 1
     epochs_per_stage: int = 1
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 100
+    # 0: every stage trains epochs_per_stage epochs; fewer cut the last stage short (as the official num_epochs does)
+    num_epochs: int = 0
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup_steps: int = 200
     family: str = "gpt2"
     hidden: int = 64
-    layers: int = 2
-    heads: int = 4
+    layers: int = 3
+    heads: int = 2
     seed: int = 0
     timing_batches: int = 3
+    timing_batch_size: int = 32
     # "parallel": train the thoughts by Jacobi iteration (exact when jacobi_iterations >= thoughts)
     latent_mode: str = "sequential"
     jacobi_iterations: int = 1
@@ -83,6 +86,9 @@ def _epoch_rows(save_dir: Path) -> list[dict]:
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
+    if cfg.num_epochs and cfg.num_epochs <= cfg.epochs_per_stage:
+        raise ValueError(f"num_epochs ({cfg.num_epochs}) must exceed epochs_per_stage ({cfg.epochs_per_stage}) "
+                         "so that a latent stage is trained")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -102,7 +108,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     config = TrainConfig(
         save_path=str(out), name="train", coconut=True, c_thought=cfg.c_thought, epochs_per_stage=cfg.epochs_per_stage,
         max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=True, model_id=f"tiny:{cfg.family}", seed=cfg.seed,
-        batch_size_training=cfg.batch_size, num_epochs=stages * cfg.epochs_per_stage, lr=cfg.lr, weight_decay=0.01,
+        batch_size_training=cfg.batch_size, num_epochs=cfg.num_epochs or stages * cfg.epochs_per_stage, lr=cfg.lr, weight_decay=0.01,
         lr_scheduler="cosine", warmup_steps=cfg.warmup_steps, max_grad_norm=1.0, adam_betas=[0.9, 0.98],
         eval_batch_size=64, max_new_tokens=48, val_loss=False, save_only_improve=False,
         latent_mode=cfg.latent_mode, jacobi_iterations=cfg.jacobi_iterations if cfg.latent_mode == "parallel" else None,
@@ -113,11 +119,11 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     t_train = time.perf_counter() - t_start
 
     # fast path against the reference: the same training batches of the last stage, forward + backward
-    last_stage = cfg.max_latent_stage
+    last_stage = stage_for_epoch(trainer.curriculum, config.num_epochs - 1)
     examples = build_training_set(trainer.train_tok, config.num_epochs - 1, trainer.curriculum, cm.latent_ids,
                                   random.Random(cfg.seed))
-    batches = [trainer.collate(examples[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-               for i in range(cfg.timing_batches)]
+    size, n = min(cfg.timing_batch_size, len(examples)), len(examples)
+    batches = [trainer.collate([examples[(i * size + j) % n] for j in range(size)]) for i in range(cfg.timing_batches)]
     cm.train()
     _time_training_steps(cm, batches[:1], reference=False)  # warm-up
     fast_s, fast_losses = _time_training_steps(cm, batches, reference=False)
@@ -132,7 +138,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         "cot": {"epoch": cot_epoch, "stage": 0, **_eval_row(trainer.save_dir, cot_epoch)},
         "coconut": {"epoch": last_epoch, "stage": last_stage, "thoughts": last_stage * cfg.c_thought,
                     **_eval_row(trainer.save_dir, last_epoch)},
-        "timing": {"stage": last_stage, "batch_size": cfg.batch_size, "batches": cfg.timing_batches,
+        "timing": {"stage": last_stage, "batch_size": size, "batches": cfg.timing_batches,
                    "fast_s": fast_s, "reference_s": ref_s, "fast_losses": fast_losses,
                    "reference_losses": ref_losses},
         "train_seconds": t_train,

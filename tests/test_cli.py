@@ -1,6 +1,8 @@
 """The command line: data generation, statistics, and a miniature demo run end to end."""
 import json
 
+import pytest
+
 from coconut_fast.cli import main
 from coconut_fast.data import load_records
 from coconut_fast.model import CoconutModel
@@ -44,3 +46,10 @@ def test_miniature_demo_runs_end_to_end(tmp_path, capsys):
     assert "found a previous run" in printed and "Coconut (stage 1, 1 thought)" in printed
     again = json.loads((out / "results.json").read_text())
     assert again["epochs"] == results["epochs"] and again["coconut"]["accuracy"] == results["coconut"]["accuracy"]
+
+
+def test_demo_needs_a_latent_stage(tmp_path):
+    from coconut_fast.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match=r"num_epochs \(2\) must exceed epochs_per_stage \(2\)"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), epochs_per_stage=2, num_epochs=2))
