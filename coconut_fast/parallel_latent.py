@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .passes import Backbone, Passes, cache_state, restore_cache
+from .passes import Backbone, Passes, cache_state, fill_latent, restore_cache
 
 
 def run_jacobi(
@@ -28,14 +28,13 @@ def run_jacobi(
     run = Passes(backbone, token_embeds, attention_mask, position_ids, checkpoint_layers)
     prefix = run(0, first, token_embeds[:, :first])
     prefix_cache = cache_state(run.cache)
-    latent = latent_mask[:, first : last + 1, None]
+    latent = latent_mask[:, first : last + 1]
     span_tokens = token_embeds[:, first : last + 1]
     inputs = span_tokens
     for _ in range(iterations):
         hidden = run(first, last + 1, inputs)
         restore_cache(run.cache, prefix_cache)  # the iteration's keys and values are not kept
-        predecessors = torch.cat([prefix[:, -1:], hidden[:, :-1]], dim=1).to(span_tokens.dtype)
-        inputs = torch.where(latent, predecessors, span_tokens)
+        inputs = fill_latent(torch.cat([prefix[:, -1:], hidden[:, :-1]], dim=1), span_tokens, latent)
     rest = torch.cat([inputs, token_embeds[:, last + 1 :]], dim=1)
     final = run(first, token_embeds.shape[1], rest)
     return torch.cat([prefix, final], dim=1), torch.cat([token_embeds[:, :first], rest], dim=1)

@@ -171,9 +171,10 @@ class Passes:
             return self.backbone(embeds, mask, self.position_ids[:, start:end], self.cache)
 
 
-def fill_latent(h_prev, token_embeds, latent_col) -> torch.Tensor:
-    """One column's inputs: the predecessor's hidden state where a latent sits, else the token embedding."""
-    return torch.where(latent_col[:, None, None], h_prev.to(token_embeds.dtype), token_embeds)
+def fill_latent(h_prev, token_embeds, latent_cols) -> torch.Tensor:
+    """Inputs of columns [B, n, H]: the predecessor's hidden state where a latent sits (`latent_cols` [B, n]),
+    else the token embedding."""
+    return torch.where(latent_cols[..., None], h_prev.to(token_embeds.dtype), token_embeds)
 
 
 def run_passes(
@@ -204,7 +205,7 @@ def run_passes(
 
     h = step(0, first, token_embeds[:, :first])  # first > 0: latent_span rejects column 0
     for col in range(first, last + 1):
-        h = step(col, col + 1, fill_latent(h[:, -1:], token_embeds[:, col : col + 1], latent_mask[:, col]))
+        h = step(col, col + 1, fill_latent(h[:, -1:], token_embeds[:, col : col + 1], latent_mask[:, col : col + 1]))
     if last + 1 < T:
         step(last + 1, T, token_embeds[:, last + 1 :])
     return torch.cat(hiddens, dim=1), torch.cat(inputs, dim=1), run.cache

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model import latent_layout
+
 
 @dataclass
 class DistContext:
@@ -162,15 +164,10 @@ def no_gradient_sync(model: nn.Module, skip: bool):
 
 
 # ---------------------------------------------------------------------- forward calls in step
-def latent_pass_count(input_ids: torch.Tensor, latent_id: int) -> int:
-    """Single-column latent passes a batch needs: the widest first-to-last latent span of a row."""
-    latent = input_ids == latent_id
-    if not bool(latent.any()):
-        return 0
-    cols = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    first = torch.where(latent, cols, input_ids.shape[1]).min(1).values
-    last = torch.where(latent, cols, -1).max(1).values
-    return int((last - first + 1).clamp(min=0).max())
+def latent_pass_count(batch: dict, latent_id: int) -> int:
+    """Single-column latent passes `CoconutModel.forward` makes for a batch: its aligned latent span."""
+    span = latent_layout(batch["input_ids"] == latent_id, batch["attention_mask"]).span
+    return 0 if span is None else span[1] - span[0] + 1
 
 
 def equalize_latent_passes(batch: dict, latent_id: int, pad_id: int, ctx: DistContext) -> dict:
@@ -181,7 +178,7 @@ def equalize_latent_passes(batch: dict, latent_id: int, pad_id: int, ctx: DistCo
     """
     if not ctx.enabled:
         return batch
-    need = latent_pass_count(batch["input_ids"], latent_id)
+    need = latent_pass_count(batch, latent_id)
     most = int(all_reduce([need], ctx, op=dist.ReduceOp.MAX)[0])
     if need == most:
         return batch
