@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.prosqa import bfs_distances
+
 GRAPH_KEYS = ("idx_to_symbol", "edges", "root", "target")
 # The answer reads "<root> is a <concept>.", so the model meets a concept right after "is a".
 CONCEPT_CONTEXT = "is a"
@@ -92,15 +94,8 @@ class ProsQAGraph:
 
     def distances(self) -> list[int | None]:
         """Shortest number of hops from the root to each node (None: unreachable)."""
-        dist: list[int | None] = [None] * self.num_nodes
-        dist[self.root] = 0
-        queue = [self.root]
-        for u in queue:
-            for c in self.children[u]:
-                if dist[c] is None:
-                    dist[c] = dist[u] + 1
-                    queue.append(c)
-        return dist
+        dist = bfs_distances(self.children, self.root)
+        return [dist.get(v) for v in range(self.num_nodes)]
 
     def heights(self) -> list[int]:
         """Shortest number of hops from each node down to a node without children (the paper's 'height')."""

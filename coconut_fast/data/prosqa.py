@@ -86,7 +86,8 @@ def _grow_dag(rng: random.Random, n: int, lam: float, p_entity: float, p_side: f
     return parents, labels
 
 
-def _distances(children: list[list[int]], source: int) -> dict[int, int]:
+def bfs_distances(children: list[list[int]], source: int) -> dict[int, int]:
+    """Hops from `source` to every node it reaches (breadth-first over `children`)."""
     dist, queue = {source: 0}, [source]
     for u in queue:
         for v in children[u]:
@@ -115,7 +116,7 @@ def _try_record(rng, n, shape, min_steps, max_steps, names, concepts) -> dict | 
     for i, ps in enumerate(parents):
         for p in ps:
             children[p].append(i)
-    dist = [_distances(children, 0), _distances(children, 1)]
+    dist = [bfs_distances(children, 0), bfs_distances(children, 1)]
     sinks = [[i for i in range(n) if labels[i] == 1 << k and not children[i]] for k in (0, 1)]
     if not sinks[0] or not sinks[1]:
         return None
@@ -232,12 +233,12 @@ def _shortest_paths(record: dict) -> tuple[int, int, int]:
     for a, b in record["edges"]:
         children[a].append(b)
         has_parent[b] = True
-    dist = _distances(children, record["root"])
+    dist = bfs_distances(children, record["root"])
     count = {record["root"]: 1}
     for v in sorted(dist, key=dist.get)[1:]:
         count[v] = sum(count[p] for p, c in record["edges"] if c == v and dist.get(p) == dist[v] - 1)
     neg = [d[record["neg_target"]] for e in range(n) if not has_parent[e]
-           for d in [_distances(children, e)] if record["neg_target"] in d]
+           for d in [bfs_distances(children, e)] if record["neg_target"] in d]
     return count.get(record["target"], 0), len(dist), min(neg) if neg else -1
 
 
