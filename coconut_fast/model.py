@@ -41,6 +41,24 @@ class CoconutOutput(ModelOutput):
 LATENT_MODES = ("sequential", "parallel")
 
 
+def publish_directory(tmp: Path, target: Path) -> None:
+    """Put the finished directory `tmp` at `target`: an existing one is moved aside first and removed
+    after, so `target` is always a whole directory, the old one or the new one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)  # the renames reach the disk before the old copy goes
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @dataclass
 class LatentLayout:
     """Where the latents of a batch sit once every sample's first latent is in the same column."""
@@ -155,14 +173,7 @@ class CoconutModel(nn.Module):
             self.tokenizer.save_pretrained(tmp)
             with open(tmp / COCONUT_CONFIG, "w") as f:
                 json.dump({"latent_tokens": list(LATENT_TOKENS), **self.latent_ids.__dict__}, f, indent=2)
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                target.rename(old)
-            tmp.rename(target)
-            if old is not None:
-                shutil.rmtree(old)
+            publish_directory(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..model import publish_directory
 from .distributed import DistContext, all_reduce, barrier, is_fsdp
 
 WEIGHTS_FILE = "model.safetensors"
@@ -157,27 +158,6 @@ def load_optimizer_state(coconut: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 # ---------------------------------------------------------------------- save and load
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished temporary directory into place (an existing one is moved aside first)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(save_dir: str | os.PathLike, name: str, coconut: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, trainer_state: dict, ctx: DistContext) -> Path:
     """Write a checkpoint atomically (every rank calls this; rank 0 writes all but its own RNG file)."""
@@ -208,7 +188,7 @@ def save_checkpoint(save_dir: str | os.PathLike, name: str, coconut: torch.nn.Mo
                 json.dump(trainer_state, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            _publish(tmp, final)
+            publish_directory(tmp, final)
         except Exception as e:  # noqa: BLE001
             error = e
     failed = all_reduce([0.0 if error is None else 1.0], ctx)[0] > 0
