@@ -151,11 +151,9 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
 
 def _print_summary(results: dict, out: Path) -> None:
     print(f"\n{'epoch':>5} {'stage':>5} {'train loss':>10} {'accuracy':>8} {'gen tokens':>10}")
-    for r in results["epochs"]:
-        acc = f"{r['accuracy']:>8.1%}" if "accuracy" in r else f"{'-':>8}"
-        gen = f"{r['generated_tokens']:>10.1f}" if "generated_tokens" in r else f"{'-':>10}"
-        loss = f"{r['train_loss']:>10.4f}" if r.get("train_loss") is not None else f"{'-':>10}"
-        print(f"{r['epoch']:>5} {r['stage']:>5} {loss} {acc} {gen}")
+    for r in results["epochs"]:  # rows of eval_log.csv: train_loss may be empty there
+        loss = f"{r['train_loss']:>10.4f}" if r["train_loss"] is not None else f"{'-':>10}"
+        print(f"{r['epoch']:>5} {r['stage']:>5} {loss} {r['accuracy']:>8.1%} {r['generated_tokens']:>10.1f}")
     cot, coconut, t = results["cot"], results["coconut"], results["timing"]
     n = coconut["num_samples"]
     print(f"\nheld-out questions: {n} (two options each: chance is 50%)")
