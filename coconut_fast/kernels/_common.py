@@ -71,6 +71,23 @@ def expect_paged_cache(k_cache, v_cache) -> None:
            (k_cache.stride(), v_cache.stride()))
 
 
+@triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                 stride_vh, kv_head, tokens, token_ok, dims, dim_ok, BLOCK_SIZE: tl.constexpr):
+    """K and V of one sequence's cached `tokens` for one kv head, [tokens, dims] in float32, 0 where masked.
+
+    `block_table_ptr` points at the sequence's row of the block table; token t sits in slot
+    t % BLOCK_SIZE of block block_table[t // BLOCK_SIZE]."""
+    blocks = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=token_ok, other=0)
+    offsets = tokens % BLOCK_SIZE
+    kv_mask = token_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_cache_ptr + blocks[:, None].to(tl.int64) * stride_kb + offsets[:, None] * stride_kt
+                + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    v = tl.load(v_cache_ptr + blocks[:, None].to(tl.int64) * stride_vb + offsets[:, None] * stride_vt
+                + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    return k, v
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached tokens of one sequence, [length, num_kv_heads, head_dim] in float32."""
     block_size = cache.shape[1]

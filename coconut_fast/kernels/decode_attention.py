@@ -8,7 +8,7 @@ partial result (normalised output and log-sum-exp); a second small kernel merges
 import torch
 
 from ._common import (expect, expect_out, expect_paged_cache, expect_same_device, expect_tensor, gather_context,
-                      require_triton, tl, triton)
+                      load_kv_tile, require_triton, tl, triton)
 
 LOG2E = 1.4426950408889634
 
@@ -66,13 +66,9 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         token_ok = tokens < end
-        blocks = tl.load(block_tables_ptr + seq * stride_bt + tokens // BLOCK_SIZE, mask=token_ok, other=0)
-        offsets = tokens % BLOCK_SIZE
-        kv_mask = token_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + blocks[:, None].to(tl.int64) * stride_kb + offsets[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + blocks[:, None].to(tl.int64) * stride_vb + offsets[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, stride_kb, stride_kt,
+                            stride_kh, stride_vb, stride_vt, stride_vh, kv_head, tokens, token_ok, dims, dim_ok,
+                            BLOCK_SIZE)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         scores = tl.where(token_ok[None, :], scores, float("-inf"))

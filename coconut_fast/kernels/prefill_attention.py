@@ -10,7 +10,7 @@ import inspect
 import torch
 
 from ._common import (expect, expect_out, expect_paged_cache, expect_same_device, expect_tensor, gather_context,
-                      require_triton, tl, triton)
+                      load_kv_tile, require_triton, tl, triton)
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -90,13 +90,9 @@ def _prefill_kernel(
         for key_start in range(0, key_end, BLOCK_N):
             keys = key_start + tl.arange(0, BLOCK_N)
             key_ok = keys < key_end
-            blocks = tl.load(block_tables_ptr + seq * stride_bt + keys // BLOCK_SIZE, mask=key_ok, other=0)
-            offsets = keys % BLOCK_SIZE
-            kv_mask = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_cache_ptr + blocks[:, None].to(tl.int64) * stride_kb + offsets[:, None] * stride_kt
-                        + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_cache_ptr + blocks[:, None].to(tl.int64) * stride_vb + offsets[:, None] * stride_vt
-                        + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, stride_kb, stride_kt,
+                                stride_kh, stride_vb, stride_vt, stride_vh, kv_head, keys, key_ok, dims, dim_ok,
+                                BLOCK_SIZE)
 
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
