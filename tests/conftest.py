@@ -37,6 +37,23 @@ def make_coconut(family: str, seed: int = 0, **size) -> CoconutModel:
     return cm
 
 
+def backbone_call_widths(cm: CoconutModel, run) -> list[int]:
+    """The number of columns of every backbone call that `run()` makes."""
+    widths = []
+    original = cm.backbone.model.forward
+
+    def counting(*args, **kwargs):
+        widths.append(kwargs["inputs_embeds"].shape[1])
+        return original(*args, **kwargs)
+
+    cm.backbone.model.forward = counting
+    try:
+        run()
+    finally:
+        del cm.backbone.model.forward
+    return widths
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, above all on a busy machine (use via pytestmark)."""

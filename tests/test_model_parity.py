@@ -16,7 +16,7 @@ from coconut_fast.reference import (
 from coconut_fast.generation import left_pad
 from coconut_fast import CoconutModel
 from coconut_fast.tiny import FAMILIES, tiny_config
-from conftest import VOCAB, make_coconut, word_tokenizer
+from conftest import VOCAB, backbone_call_widths, make_coconut, word_tokenizer
 
 RTOL = 1e-5
 
@@ -105,16 +105,8 @@ def test_unaligned_batch_is_aligned_internally():
     """A batch whose first latents differ in column is aligned internally; results equal the reference."""
     cm = make_coconut("gpt2")
     input_ids, mask, labels = case_rows(cm, "different_counts")
-    calls = []
-    original = cm.backbone.model.forward
-
-    def counting(*a, **k):
-        calls.append(k["inputs_embeds"].shape[1])
-        return original(*a, **k)
-
-    cm.backbone.model.forward = counting
     with torch.no_grad():
-        cm(input_ids, attention_mask=mask, labels=labels)
+        calls = backbone_call_widths(cm, lambda: cm(input_ids, attention_mask=mask, labels=labels))
     # prefix, 3 latent columns (max latents), then the rest
     assert len(calls) == 1 + 3 + 1 and calls[1:4] == [1, 1, 1]
 

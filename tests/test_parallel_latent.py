@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coconut_fast.reference import default_position_ids, fill_latents, reference_forward
-from conftest import make_coconut
+from conftest import backbone_call_widths, make_coconut
 from test_model_parity import case_rows, rel_err
 from test_training_fast import assert_grads_close, fast_run
 
@@ -70,16 +70,8 @@ def test_zero_iterations_keep_the_latent_token_embeddings():
 def test_backbone_calls_are_prefix_iterations_and_rest():
     cm = make_coconut("gpt2")
     input_ids, mask, labels = case_rows(cm, "different_counts")  # 3, 1 and 0 latents
-    widths = []
-    original = cm.backbone.model.forward
-
-    def counting(*args, **kwargs):
-        widths.append(kwargs["inputs_embeds"].shape[1])
-        return original(*args, **kwargs)
-
-    cm.backbone.model.forward = counting
     with torch.no_grad():
-        cm(input_ids, attention_mask=mask, labels=labels, **parallel(2))
+        widths = backbone_call_widths(cm, lambda: cm(input_ids, attention_mask=mask, labels=labels, **parallel(2)))
     assert len(widths) == 1 + 2 + 1
     assert widths[1] == widths[2] == 3  # the latent span, every iteration
     assert widths[0] + widths[3] == input_ids.shape[1] + 2  # first latents in columns 5 and 3: aligned by 2
