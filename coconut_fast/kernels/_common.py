@@ -88,6 +88,18 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, stride_kb, stride_kt
     return k, v
 
 
+def expect_queries_and_cache(q, k_cache, v_cache) -> None:
+    """q [rows, Hq, D] against a paged cache: the cache's head_dim and dtype, whole GQA groups, contiguous rows."""
+    expect_tensor(q, "q", 3)
+    expect_paged_cache(k_cache, v_cache)
+    Hq, D = q.shape[1:]
+    Hkv = k_cache.shape[2]
+    expect(k_cache.shape[3] == D, "k_cache", f"head_dim {D} (from q) in dimension 3", tuple(k_cache.shape))
+    expect(Hq % Hkv == 0, "q", f"a number of heads divisible by the {Hkv} kv heads of k_cache", Hq)
+    expect(q.dtype == k_cache.dtype, "q", f"the dtype of k_cache {k_cache.dtype}", q.dtype)
+    expect(q.stride(-1) == 1, "q", "a contiguous last dimension", q.stride())
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached tokens of one sequence, [length, num_kv_heads, head_dim] in float32."""
     block_size = cache.shape[1]

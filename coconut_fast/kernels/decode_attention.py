@@ -7,8 +7,8 @@ partial result (normalised output and log-sum-exp); a second small kernel merges
 
 import torch
 
-from ._common import (expect, expect_out, expect_paged_cache, expect_same_device, expect_tensor, gather_context,
-                      load_kv_tile, require_triton, tl, triton)
+from ._common import (expect, expect_out, expect_queries_and_cache, expect_same_device, expect_tensor,
+                      gather_context, load_kv_tile, require_triton, tl, triton)
 
 LOG2E = 1.4426950408889634
 
@@ -126,14 +126,8 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: 
 
 
 def check_decode_args(q, k_cache, v_cache, block_tables, context_lens, num_splits, out) -> None:
-    expect_tensor(q, "q", 3)
-    expect_paged_cache(k_cache, v_cache)
-    B, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    expect(k_cache.shape[3] == D, "k_cache", f"head_dim {D} (from q) in dimension 3", tuple(k_cache.shape))
-    expect(Hq % Hkv == 0, "q", f"a number of heads divisible by the {Hkv} kv heads of k_cache", Hq)
-    expect(q.dtype == k_cache.dtype, "q", f"the dtype of k_cache {k_cache.dtype}", q.dtype)
-    expect(q.stride(-1) == 1, "q", "a contiguous last dimension", q.stride())
+    expect_queries_and_cache(q, k_cache, v_cache)
+    B = q.shape[0]
     expect_tensor(block_tables, "block_tables", 2, (torch.int32,))
     expect(block_tables.shape[0] == B, "block_tables", f"{B} rows (the batch of q)", tuple(block_tables.shape))
     expect(block_tables.stride(-1) == 1, "block_tables", "a contiguous last dimension", block_tables.stride())

@@ -9,8 +9,8 @@ import inspect
 
 import torch
 
-from ._common import (expect, expect_out, expect_paged_cache, expect_same_device, expect_tensor, gather_context,
-                      load_kv_tile, require_triton, tl, triton)
+from ._common import (expect, expect_out, expect_queries_and_cache, expect_same_device, expect_tensor,
+                      gather_context, load_kv_tile, require_triton, tl, triton)
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -111,14 +111,7 @@ def _prefill_kernel(
 
 
 def check_prefill_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out) -> None:
-    expect_tensor(q, "q", 3)
-    expect_paged_cache(k_cache, v_cache)
-    T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    expect(k_cache.shape[3] == D, "k_cache", f"head_dim {D} (from q) in dimension 3", tuple(k_cache.shape))
-    expect(Hq % Hkv == 0, "q", f"a number of heads divisible by the {Hkv} kv heads of k_cache", Hq)
-    expect(q.dtype == k_cache.dtype, "q", f"the dtype of k_cache {k_cache.dtype}", q.dtype)
-    expect(q.stride(-1) == 1, "q", "a contiguous last dimension", q.stride())
+    expect_queries_and_cache(q, k_cache, v_cache)
     expect_tensor(context_lens, "context_lens", 1, (torch.int32,))
     B = context_lens.shape[0]
     expect_tensor(cu_seqlens_q, "cu_seqlens_q", 1, (torch.int32,))
