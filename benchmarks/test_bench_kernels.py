@@ -1,4 +1,4 @@
-"""Kernel timings on a CUDA device: each Triton kernel against its torch reference (pytest-benchmark).
+"""Kernel timings on a CUDA device: each Triton kernel (and CUDA twin) against its torch reference (pytest-benchmark).
 
     python -m pytest benchmarks/test_bench_kernels.py --benchmark-only \\
         --benchmark-json=benchmarks/results/kernels.json
@@ -10,6 +10,7 @@ Skipped without CUDA (the CPU interpreter says nothing about kernel speed). Shap
 Decode attention paths:
 - triton: `paged_decode_attention`, blocks of 16 (and of 256, to compare with flash-attn on equal caches),
   with the split-K heuristic and with num_splits=1;
+- cuda: `paged_decode_attention_cuda` from the compiled extension, the same blocks, when coconut_fast._C is built;
 - reference: `paged_decode_attention_reference`, the same function the tests use;
 - flash_attn: flash-attn's `flash_attn_with_kvcache` with a block table, when flash-attn imports (its paged
   cache needs blocks of a multiple of 256 tokens, so it runs on the 256-token cache);
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from coconut_fast.kernels import (
-    add_rms_norm, add_rms_norm_reference, paged_decode_attention, paged_decode_attention_reference,
+    add_rms_norm, add_rms_norm_reference, cuda_kernels_available, paged_decode_attention,
+    paged_decode_attention_cuda, paged_decode_attention_reference, rope_write_kv_cuda, write_kv_cuda,
     paged_prefill_attention, paged_prefill_attention_reference, rope_write_kv, rope_write_kv_reference,
     triton_enabled, write_kv, write_kv_reference,
 )
@@ -69,6 +71,8 @@ def decode_call(path, context, block_size, num_splits):
     scale = HEAD_DIM ** -0.5
     if path == "triton":
         return lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
+    if path == "cuda":
+        return lambda: paged_decode_attention_cuda(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
     if path == "reference":
         return lambda: paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, scale)
     if path == "flash_attn":
@@ -85,6 +89,7 @@ def decode_call(path, context, block_size, num_splits):
 DECODE_CASES = [
     ("triton", 16, None), ("triton", 16, 1), ("triton", 256, None), ("reference", 16, None),
     ("flash_attn" if flash_attn_with_kvcache is not None else "sdpa", 256, None),
+    *([("cuda", 16, None), ("cuda", 16, 1), ("cuda", 256, None)] if cuda_kernels_available() else []),
 ]
 
 
@@ -123,21 +128,24 @@ def kv_inputs(tokens, block_size=16):
     return q, k, v, k_cache, v_cache, slots, positions, angles.cos(), angles.sin()
 
 
+WRITE_PATHS = ["kernel", "reference", *(["cuda"] if cuda_kernels_available() else [])]
+
+
 @pytest.mark.benchmark(group="kv_write")
 @pytest.mark.parametrize("tokens", [BATCH, BATCH * 512])
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("path", WRITE_PATHS)
 def test_write_kv(benchmark, path, tokens):
     _, k, v, k_cache, v_cache, slots, _, _, _ = kv_inputs(tokens)
-    fn = write_kv if path == "kernel" else write_kv_reference
+    fn = {"kernel": write_kv, "reference": write_kv_reference, "cuda": write_kv_cuda}[path]
     benchmark(synced(lambda: fn(k, v, k_cache, v_cache, slots)))
 
 
 @pytest.mark.benchmark(group="rope_write_kv")
 @pytest.mark.parametrize("tokens", [BATCH, BATCH * 512])
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("path", WRITE_PATHS)
 def test_rope_write_kv(benchmark, path, tokens):
     args = kv_inputs(tokens)
-    fn = rope_write_kv if path == "kernel" else rope_write_kv_reference
+    fn = {"kernel": rope_write_kv, "reference": rope_write_kv_reference, "cuda": rope_write_kv_cuda}[path]
     benchmark(synced(lambda: fn(*args)))
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from coconut_fast.kernels import triton_enabled
+from coconut_fast.kernels import cuda_kernels_available, triton_enabled
 
 # Kernel output (in its dtype) against the reference computed in float32: (atol, rtol). The half-precision bounds
 # are a few units in the last place of the output dtype.
@@ -22,7 +22,16 @@ DTYPES = [
 
 needs_triton = pytest.mark.skipif(not triton_enabled(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
 
+needs_cuda_extension = pytest.mark.skipif(not cuda_kernels_available(),
+                                          reason="needs the compiled coconut_fast._C and a CUDA device")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def implementations(triton_fn, cuda_fn) -> list:
+    """A kernel's Triton implementation (interpreted on CPU) and its CUDA twin (GPU with the extension only)."""
+    return [pytest.param(triton_fn, id="triton", marks=needs_triton),
+            pytest.param(cuda_fn, id="cuda", marks=needs_cuda_extension)]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

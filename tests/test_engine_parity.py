@@ -158,7 +158,7 @@ def test_zero_new_tokens_still_computes_thoughts():
 def test_bad_options_and_requests_are_clear_errors():
     cm = engine_model("gpt2")
     with pytest.raises(ValueError, match="kernels must be one of"):
-        LLM(cm, num_blocks=8, kernels="cuda")
+        LLM(cm, num_blocks=8, kernels="cutlass")
     with pytest.raises(ValueError, match="num_blocks"):
         LLM(cm, num_blocks=0, kernels="torch")
     llm = LLM(cm, num_blocks=4, block_size=4, kernels="torch")

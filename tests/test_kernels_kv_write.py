@@ -1,9 +1,11 @@
-"""KV cache writes, plain and fused with RoPE (Triton; interpreted on CPU), against their torch references."""
+"""KV cache writes, plain and fused with RoPE (Triton, interpreted on CPU; their CUDA twins on a GPU with the
+extension), against their torch references."""
 import pytest
 import torch
 
-from coconut_fast.kernels import rope_write_kv, rope_write_kv_reference, write_kv, write_kv_reference
-from kernel_cases import DEVICE, DTYPES, assert_close, needs_triton, randn
+from coconut_fast.kernels import (rope_write_kv, rope_write_kv_cuda, rope_write_kv_reference, write_kv, write_kv_cuda,
+                                  write_kv_reference)
+from kernel_cases import DEVICE, DTYPES, assert_close, implementations, needs_triton, randn
 
 NUM_BLOCKS = 6
 PADDING = (2, 5)  # tokens whose slot is negative: nothing of them may reach the cache
@@ -26,25 +28,25 @@ def tokens_and_cache(block_size, num_kv_heads, head_dim, dtype, num_tokens=9, se
     return k, v, k_cache, v_cache, slots
 
 
-@needs_triton
+@pytest.mark.parametrize("write", implementations(write_kv, write_kv_cuda))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_kv_heads", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_write_kv_matches_reference(block_size, head_dim, num_kv_heads, dtype):
+def test_write_kv_matches_reference(block_size, head_dim, num_kv_heads, dtype, write):
     k, v, k_cache, v_cache, slots = tokens_and_cache(block_size, num_kv_heads, head_dim, dtype)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     write_kv_reference(k, v, expected_k, expected_v, slots)
-    write_kv(k, v, k_cache, v_cache, slots)
+    write(k, v, k_cache, v_cache, slots)
     assert not k_cache.isnan().any() and not v_cache.isnan().any()
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)  # a copy: exact
 
 
-@needs_triton
-def test_negative_slots_write_nothing():
+@pytest.mark.parametrize("write", implementations(write_kv, write_kv_cuda))
+def test_negative_slots_write_nothing(write):
     k, v, k_cache, v_cache, _ = tokens_and_cache(16, 2, 64, torch.float32)
     before_k, before_v = k_cache.clone(), v_cache.clone()
-    write_kv(k, v, k_cache, v_cache, torch.full((k.shape[0],), -1, dtype=torch.int64, device=DEVICE))
+    write(k, v, k_cache, v_cache, torch.full((k.shape[0],), -1, dtype=torch.int64, device=DEVICE))
     torch.testing.assert_close(k_cache, before_k, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(v_cache, before_v, equal_nan=True, atol=0, rtol=0)
 
@@ -54,12 +56,12 @@ def rope_tables(head_dim, positions=40, seed=5):
     return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
 
 
-@needs_triton
+@pytest.mark.parametrize("rope_write", implementations(rope_write_kv, rope_write_kv_cuda))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_rope_write_kv_matches_reference(block_size, head_dim, gqa, dtype):
+def test_rope_write_kv_matches_reference(block_size, head_dim, gqa, dtype, rope_write):
     num_kv_heads = 2 if gqa == 4 else 1
     k, v, k_cache, v_cache, slots = tokens_and_cache(block_size, num_kv_heads, head_dim, dtype)
     q = randn(k.shape[0], num_kv_heads * gqa, head_dim, dtype=dtype, seed=9)
@@ -68,7 +70,7 @@ def test_rope_write_kv_matches_reference(block_size, head_dim, gqa, dtype):
     expected_k, expected_v = k_cache.float(), v_cache.float()
     expected_q = rope_write_kv_reference(q.float(), k.float(), v.float(), expected_k, expected_v, slots, positions,
                                          cos, sin)
-    q_out = rope_write_kv(q, k, v, k_cache, v_cache, slots, positions, cos, sin)
+    q_out = rope_write(q, k, v, k_cache, v_cache, slots, positions, cos, sin)
     assert_close(q_out, expected_q, dtype)
     assert_close(k_cache, expected_k, dtype)  # untouched entries are compared too
     assert torch.equal(v_cache.float(), expected_v)  # v is copied, not rotated

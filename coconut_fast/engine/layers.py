@@ -6,27 +6,35 @@ from types import SimpleNamespace
 
 import torch
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
+KERNEL_CHOICES = ("auto", "triton", "cuda", "torch")
 KERNEL_NAMES = ("write_kv", "rope_write_kv", "paged_decode_attention", "paged_prefill_attention",
-                "add_rms_norm", "add_layer_norm")
+                "add_rms_norm", "add_layer_norm", "latent_feedback")
+CUDA_KERNEL_NAMES = ("write_kv", "rope_write_kv", "paged_decode_attention", "latent_feedback")
 
 
 def select_kernels(choice: str = "auto") -> SimpleNamespace:
-    """The Triton kernels or their torch references, under the kernel names.
+    """The kernels under the kernel names: "triton", "torch" (the references), "cuda" (the compiled
+    extension's kernels for the cache writes, decode attention and latent feedback; Triton for the rest).
 
-    "auto" takes Triton when it can run here (CUDA, or the interpreter with TRITON_INTERPRET=1).
+    "auto" takes Triton when it can run here (CUDA, or the interpreter with TRITON_INTERPRET=1), else torch.
     """
     from .. import kernels
 
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
-    use_triton = kernels.triton_enabled() if choice == "auto" else choice == "triton"
+    if choice == "cuda" and not kernels.cuda_kernels_available():
+        raise ValueError("kernels='cuda' needs the compiled extension coconut_fast._C and a CUDA device (install "
+                         "with `pip install -e . --no-build-isolation` on a CUDA torch); use 'triton' or 'auto'")
+    use_triton = kernels.triton_enabled() if choice == "auto" else choice in ("triton", "cuda")
     if use_triton and not kernels.triton_enabled():
-        raise ValueError("kernels='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); "
+        raise ValueError(f"kernels={choice!r} needs triton and a CUDA device (or TRITON_INTERPRET=1); "
                          "use kernels='torch' or 'auto'")
     suffix = "" if use_triton else "_reference"
-    return SimpleNamespace(name="triton" if use_triton else "torch",
-                           **{n: getattr(kernels, n + suffix) for n in KERNEL_NAMES})
+    chosen = {n: getattr(kernels, n + suffix) for n in KERNEL_NAMES}
+    if choice == "cuda":
+        chosen.update({n: getattr(kernels, n + "_cuda") for n in CUDA_KERNEL_NAMES})
+    name = choice if choice == "cuda" else ("triton" if use_triton else "torch")
+    return SimpleNamespace(name=name, **chosen)
 
 
 @dataclass

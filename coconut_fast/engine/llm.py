@@ -50,12 +50,16 @@ class LLM:
     `model` is a `CoconutModel` or a directory for `CoconutModel.from_pretrained`. The cache
     holds `num_blocks` blocks of `block_size` tokens, or as many as fit in `memory_fraction` of
     the free device memory (free RAM on CPU), at most what `max_num_seqs` full-length requests
-    need. `kernels`: "auto" (Triton where it runs, else the torch references), "triton", "torch".
+    need. `kernels`: "auto" (Triton where it runs, else the torch references), "triton", "cuda" (the
+    compiled extension), "torch". `cuda_graphs=True` runs single-position steps on CUDA graphs per
+    batch-size bucket, and each run of back-to-back latent steps as one captured thought loop (see
+    `cuda_graph.py`); without CUDA the same static-buffer steps run eagerly.
     """
 
     def __init__(self, model, num_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  memory_fraction: float | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, kernels: str = "auto", enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int = 8192, kernels: str = "auto", enable_prefix_caching: bool = True,
+                 cuda_graphs: bool = False):
         if isinstance(model, (str, os.PathLike)):
             from ..model import CoconutModel
 
@@ -63,7 +67,7 @@ class LLM:
         self.coconut = model
         self.options = dict(num_blocks=num_blocks, block_size=block_size, memory_fraction=memory_fraction,
                             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            kernels=kernels, enable_prefix_caching=enable_prefix_caching)
+                            kernels=kernels, enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs)
         causal_lm, config = model.model, model.config
         self.device, self.dtype = causal_lm.device, causal_lm.get_input_embeddings().weight.dtype
         self.max_positions = getattr(config, "max_position_embeddings", None)
@@ -80,7 +84,7 @@ class LLM:
                                  f"of {per_block} bytes; raise memory_fraction or pass num_blocks")
         self.blocks = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(causal_lm, num_blocks, block_size, self.max_positions, kernels)
+        self.runner = ModelRunner(causal_lm, num_blocks, block_size, self.max_positions, kernels, cuda_graphs)
         self.next_request_id = 0
 
     @property
@@ -138,6 +142,10 @@ class LLM:
             if self.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule any waiting request")
             return []
+        steps = self.thought_loop_steps(chunks)
+        if steps > 1:
+            self.run_thought_loop([seq for seq, _ in chunks], steps)
+            return []
         results = self.runner.run(chunks)
         finished = []
         for (seq, end), result in zip(chunks, results):
@@ -153,6 +161,29 @@ class LLM:
                 self.scheduler.finish(seq)
                 finished.append(self.output(seq))
         return finished
+
+    def thought_loop_steps(self, chunks: list[tuple[Sequence, int]]) -> int:
+        """With graphs on and every scheduled request one latent step in: how many latent steps all of them can
+        run back to back (blocks for them reserved now), else 1."""
+        graphs = self.runner.graphs
+        if graphs is None or not graphs.fits(len(chunks), 0):
+            return 1
+        steps = min(seq.latent_run() if end == seq.num_computed + 1 else 0 for seq, end in chunks)
+        if steps < 2:
+            return 1
+        need = sum(max(0, self.blocks.blocks_for(seq.num_computed + steps) - len(seq.block_table)) for seq, _ in chunks)
+        if need > self.blocks.num_free_blocks:
+            return 1
+        for seq, _ in chunks:
+            self.blocks.append(seq, seq.num_computed + steps)
+        return steps
+
+    def run_thought_loop(self, seqs: list[Sequence], steps: int) -> None:
+        thoughts = self.runner.run_thought_loop(seqs, steps).transpose(0, 1).clone()  # [n, steps, H]
+        for seq, own in zip(seqs, thoughts):
+            for thought in own.unbind(0):
+                seq.add_thought(thought)
+            seq.num_computed += steps
 
     def output(self, seq: Sequence) -> RequestOutput:
         hidden = self.runner.embed.weight.shape[1]

@@ -15,6 +15,7 @@ import torch
 
 from ..generation import _warpers
 from .block_manager import PagedKVCache
+from .cuda_graph import GraphRunner
 from .layers import StepMetadata, select_kernels
 from .models import build_forward
 from .sequence import SamplingParams, Sequence
@@ -27,7 +28,8 @@ def warpers_for(params: SamplingParams) -> tuple:
 
 
 class ModelRunner:
-    def __init__(self, causal_lm, num_blocks: int, block_size: int, max_positions: int, kernels: str = "auto"):
+    def __init__(self, causal_lm, num_blocks: int, block_size: int, max_positions: int, kernels: str = "auto",
+                 cuda_graphs: bool = False):
         self.model = causal_lm
         self.device = causal_lm.device
         self.dtype = causal_lm.get_input_embeddings().weight.dtype
@@ -38,6 +40,10 @@ class ModelRunner:
         self.block_size = block_size
         self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, self.forward.num_kv_heads,
                                   self.forward.head_dim, self.dtype, self.device)
+        self.graphs = None
+        if cuda_graphs:
+            self.graphs = GraphRunner(self.forward, self.cache, self.embed.weight.shape[1],
+                                      -(-max_positions // block_size), self.dtype, self.device)
 
     @property
     def num_layers(self) -> int:
@@ -94,7 +100,10 @@ class ModelRunner:
         order = sorted(range(len(chunks)), key=lambda i: chunks[i][1] - chunks[i][0].num_computed > 1)
         ordered = [chunks[i] for i in order]
         embeds, meta = self.prepare(ordered)
-        hidden = self.forward(embeds, meta, self.cache)
+        if self.graphs is not None and meta.num_decode == len(ordered) and self.graphs.fits(*meta.block_tables.shape):
+            hidden = self.graphs.decode(embeds, meta)
+        else:
+            hidden = self.forward(embeds, meta, self.cache)
         counts = torch.tensor([end - seq.num_computed for seq, end in ordered], device=self.device)
         last = hidden[counts.cumsum(0) - 1]
         results: list = [None] * len(chunks)
@@ -110,6 +119,13 @@ class ModelRunner:
             for (_, i, _), token in zip(wants, tokens):
                 results[i] = token
         return results
+
+    @torch.no_grad()
+    def run_thought_loop(self, seqs: list[Sequence], num_steps: int) -> torch.Tensor:
+        """Thoughts [num_steps, len(seqs), H] of `num_steps` latent steps of each request, run back to back
+        on the graph runner (blocks for the positions must be allocated)."""
+        embeds, meta = self.prepare([(seq, seq.num_computed + 1) for seq in seqs])
+        return self.graphs.thought_loop(embeds, meta, num_steps)
 
     @staticmethod
     def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

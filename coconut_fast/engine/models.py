@@ -49,6 +49,17 @@ class LlamaForward:
         return self.kernels.add_rms_norm(x.reshape(T * heads, D), None, norm.weight, self.eps)[0].view(T, heads, D)
 
     def __call__(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
+        hidden, residual = self.body(embeds, meta, cache)
+        return self.kernels.add_rms_norm(hidden, residual, self.norm.weight, self.eps)[0]
+
+    def feedback(self, hidden, residual, meta: StepMetadata, thought_out, next_embeds, block_size: int) -> None:
+        """The final norm as the latent feedback step: the thought becomes the next input, rows advance."""
+        self.kernels.latent_feedback(hidden, residual, self.norm.weight, None, self.eps, True, thought_out,
+                                     next_embeds, meta.positions, meta.context_lens, meta.slot_mapping,
+                                     meta.block_tables, block_size)
+
+    def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
+        """All layers; returns the last layer's output and residual, before the final norm."""
         k_ = self.kernels
         T, D = embeds.shape[0], self.head_dim
         hidden, residual = embeds, None
@@ -65,7 +76,7 @@ class LlamaForward:
             hidden = attn.o_proj(out.view(T, -1))
             x, residual = k_.add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)
             hidden = layer.mlp(x)
-        return k_.add_rms_norm(hidden, residual, self.norm.weight, self.eps)[0]
+        return hidden, residual
 
 
 class GPT2Forward:
@@ -84,6 +95,17 @@ class GPT2Forward:
         self.attention = [PagedAttention(kernels, block.attn.scaling) for block in self.blocks]
 
     def __call__(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
+        hidden, residual = self.body(embeds, meta, cache)
+        return self.kernels.add_layer_norm(hidden, residual, self.ln_f.weight, self.ln_f.bias, self.eps)[0]
+
+    def feedback(self, hidden, residual, meta: StepMetadata, thought_out, next_embeds, block_size: int) -> None:
+        """The final norm as the latent feedback step: the thought becomes the next input, rows advance."""
+        self.kernels.latent_feedback(hidden, residual, self.ln_f.weight, self.ln_f.bias, self.eps, False,
+                                     thought_out, next_embeds, meta.positions, meta.context_lens,
+                                     meta.slot_mapping, meta.block_tables, block_size)
+
+    def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
+        """All blocks; returns the last block's output and residual, before ln_f."""
         k_ = self.kernels
         T, H, D = embeds.shape[0], self.hidden, self.head_dim
         hidden, residual = embeds + self.wpe(meta.positions), None
@@ -95,7 +117,7 @@ class GPT2Forward:
             hidden = block.attn.c_proj(out.view(T, H))
             x, residual = k_.add_layer_norm(hidden, residual, block.ln_2.weight, block.ln_2.bias, self.eps)
             hidden = block.mlp(x)
-        return k_.add_layer_norm(hidden, residual, self.ln_f.weight, self.ln_f.bias, self.eps)[0]
+        return hidden, residual
 
 
 def build_forward(causal_lm, kernels: SimpleNamespace, max_positions: int):

@@ -120,6 +120,17 @@ class Sequence:
         hi = bisect.bisect_left(self.latent_positions, end)
         return [(self.latent_positions[j], j) for j in range(lo, hi)]
 
+    def latent_run(self) -> int:
+        """Latent steps that can run back to back from `num_computed`: the input is the last thought, and each
+        step's output is the input of the next latent slot."""
+        j, c = len(self.thoughts), self.num_computed
+        if j == 0 or self.latent_positions[j - 1] != c:
+            return 0
+        n = 0
+        while j + n < self.num_thoughts and self.latent_positions[j + n] == c + n + 1:
+            n += 1
+        return n
+
     def wants_token(self, end: int) -> bool:
         """After computing up to `end`, is the next input a new token (else a new thought)?"""
         return end == len(self.token_ids)

@@ -1,4 +1,5 @@
-"""Triton kernels of the paged engine, each beside the plain torch reference its tests and benchmarks share."""
+"""Triton kernels of the paged engine, each beside the plain torch reference its tests and benchmarks share;
+`cuda_ops` holds their CUDA twins from the optional compiled extension."""
 
 import os
 
@@ -6,7 +7,10 @@ import torch
 
 from ._common import HAS_TRITON
 from .decode_attention import paged_decode_attention, paged_decode_attention_reference
+from .cuda_ops import (cuda_kernels_available, latent_feedback_cuda, paged_decode_attention_cuda,
+                       rope_write_kv_cuda, write_kv_cuda)
 from .kv_write import rope_write_kv, rope_write_kv_reference, write_kv, write_kv_reference
+from .latent_feedback import latent_feedback, latent_feedback_reference
 from .norms import add_layer_norm, add_layer_norm_reference, add_rms_norm, add_rms_norm_reference
 from .prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
@@ -30,4 +34,11 @@ __all__ = [
     "add_rms_norm_reference",
     "add_layer_norm",
     "add_layer_norm_reference",
+    "latent_feedback",
+    "latent_feedback_reference",
+    "cuda_kernels_available",
+    "paged_decode_attention_cuda",
+    "write_kv_cuda",
+    "rope_write_kv_cuda",
+    "latent_feedback_cuda",
 ]

@@ -139,6 +139,19 @@ def check_decode_args(q, k_cache, v_cache, block_tables, context_lens, num_split
     expect_out(out, q)
 
 
+def decode_buffers(q, k_cache, block_tables, num_splits, out):
+    """(num_splits, out, partial outputs, partial log-sum-exps): the split count defaults to the heuristic on the
+    table's capacity (no device sync); the partials are float32 [B, Hq, splits, D] and [B, Hq, splits], or empty."""
+    B, Hq, D = q.shape
+    if num_splits is None:
+        num_splits = default_num_splits(B, k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], q.device)
+    out = torch.empty_like(q) if out is None else out
+    splits = num_splits if num_splits > 1 else 0
+    part_out = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    return num_splits, out, part_out, part_lse
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None):
     """q [B, Hq, D] attends to context_lens[b] cached tokens of sequence b -> out [B, Hq, D] (fp32 accumulation)."""
@@ -147,17 +160,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    if num_splits is None:  # from the table's capacity, so no device sync is needed
-        num_splits = default_num_splits(B, Hkv, block_tables.shape[1] * block_size, q.device)
-    out = torch.empty_like(q) if out is None else out
+    num_splits, out, part_out, part_lse = decode_buffers(q, k_cache, block_tables, num_splits, out)
     if B == 0:
         return out
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     block_d = max(16, triton.next_power_of_2(D))
-    part_out = part_lse = out  # not read when the context is not split
-    if num_splits > 1:
-        part_out = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        part_out = part_lse = out  # not read when the context is not split
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * LOG2E,

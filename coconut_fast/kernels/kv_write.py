@@ -137,9 +137,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     )
 
 
-def rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin):
-    """Rotate q [N, Hq, D] and k at `positions` with the cos/sin [P, D/2] tables, write k and v into the cache,
-    return the rotated q."""
+def check_rope_args(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin) -> None:
     check_kv_args(k, v, k_cache, v_cache, slot_mapping)
     N, Hkv, D = k.shape
     expect_tensor(q, "q", 3)
@@ -155,7 +153,14 @@ def rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin):
         expect(table.shape[1] == D // 2 and table.stride(-1) == 1, name,
                f"a [P, {D // 2}] table (head_dim / 2) with a contiguous last dimension", tuple(table.shape))
     expect_same_device(k, q=q, positions=positions, cos=cos, sin=sin)
+
+
+def rope_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin):
+    """Rotate q [N, Hq, D] and k at `positions` with the cos/sin [P, D/2] tables, write k and v into the cache,
+    return the rotated q."""
+    check_rope_args(q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin)
     require_triton(k)
+    N, Hkv, D = k.shape
     q_out = torch.empty_like(q)
     if N == 0:
         return q_out

@@ -30,6 +30,22 @@ def add_layer_norm_reference(x, residual, weight, bias, eps: float):
 
 
 @triton.jit
+def norm_row(h, ok, cols, x_ptr, weight_ptr, bias_ptr, eps, HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+             RMS: tl.constexpr):
+    """RMSNorm / LayerNorm of one row `h` (float32, already rounded to x's dtype), in float32."""
+    w = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if RMS:
+        normed = h * tl.rsqrt(tl.sum(h * h, axis=0) / HIDDEN + eps)
+        out = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w  # HF casts before the weight
+    else:
+        centered = tl.where(ok, h - tl.sum(h, axis=0) / HIDDEN, 0.0)
+        out = centered * tl.rsqrt(tl.sum(centered * centered, axis=0) / HIDDEN + eps) * w
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _add_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, new_residual_ptr, eps,
     stride_x, stride_r, stride_o, stride_nr,
@@ -44,16 +60,7 @@ def _add_norm_kernel(
         r = tl.load(residual_ptr + row * stride_r + cols, mask=ok, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(new_residual_ptr + row * stride_nr + cols, h, mask=ok)
-    h = h.to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if RMS:
-        normed = h * tl.rsqrt(tl.sum(h * h, axis=0) / HIDDEN + eps)
-        out = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w  # HF casts before the weight
-    else:
-        centered = tl.where(ok, h - tl.sum(h, axis=0) / HIDDEN, 0.0)
-        out = centered * tl.rsqrt(tl.sum(centered * centered, axis=0) / HIDDEN + eps) * w
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    out = norm_row(h.to(tl.float32), ok, cols, x_ptr, weight_ptr, bias_ptr, eps, HIDDEN, HAS_BIAS, RMS)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
