@@ -12,9 +12,20 @@ namespace {
 
 constexpr int kThreads = 128;
 
-__device__ __forceinline__ int64_t slot_offset(int64_t slot, int block_size, int64_t stride_b, int64_t stride_t) {
-  return (slot / block_size) * stride_b + (slot % block_size) * stride_t;
-}
+// One token's k and v rows and the rows of its cache slot.
+template <typename T>
+struct TokenRows {
+  const T* k;
+  const T* v;
+  T* k_dst;
+  T* v_dst;
+
+  __device__ TokenRows(const KVWriteArgs& a, int token, int64_t slot)
+      : k(static_cast<const T*>(a.k) + token * a.stride_kt),
+        v(static_cast<const T*>(a.v) + token * a.stride_vt),
+        k_dst(static_cast<T*>(a.k_cache) + (slot / a.block_size) * a.stride_kcb + (slot % a.block_size) * a.stride_kct),
+        v_dst(static_cast<T*>(a.v_cache) + (slot / a.block_size) * a.stride_vcb + (slot % a.block_size) * a.stride_vct) {}
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) write_kv_kernel(const KVWriteArgs a) {
@@ -23,16 +34,13 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const KVWriteArgs a)
   const int64_t slot = a.slot_mapping[token];
   if (slot < 0) return;
   const int vecs = a.head_dim / V;
-  const T* k = static_cast<const T*>(a.k) + token * a.stride_kt;
-  const T* v = static_cast<const T*>(a.v) + token * a.stride_vt;
-  T* k_dst = static_cast<T*>(a.k_cache) + slot_offset(slot, a.block_size, a.stride_kcb, a.stride_kct);
-  T* v_dst = static_cast<T*>(a.v_cache) + slot_offset(slot, a.block_size, a.stride_vcb, a.stride_vct);
+  const TokenRows<T> r(a, token, slot);
   for (int i = threadIdx.x; i < a.num_kv_heads * vecs; i += kThreads) {
     const int head = i / vecs, d = (i % vecs) * V;
-    *reinterpret_cast<uint4*>(k_dst + head * a.stride_kch + d) =
-        *reinterpret_cast<const uint4*>(k + head * a.stride_kh + d);
-    *reinterpret_cast<uint4*>(v_dst + head * a.stride_vch + d) =
-        *reinterpret_cast<const uint4*>(v + head * a.stride_vh + d);
+    *reinterpret_cast<uint4*>(r.k_dst + head * a.stride_kch + d) =
+        *reinterpret_cast<const uint4*>(r.k + head * a.stride_kh + d);
+    *reinterpret_cast<uint4*>(r.v_dst + head * a.stride_vch + d) =
+        *reinterpret_cast<const uint4*>(r.v + head * a.stride_vh + d);
   }
 }
 
@@ -69,17 +77,14 @@ __global__ void __launch_bounds__(kThreads) rope_write_kv_kernel(const KVWriteAr
     rotate<T>(q + head * a.stride_qh, q_out + head * a.stride_oh, d, half, cos, sin);
   }
   if (slot < 0) return;
-  const T* k = static_cast<const T*>(a.k) + token * a.stride_kt;
-  const T* v = static_cast<const T*>(a.v) + token * a.stride_vt;
-  T* k_dst = static_cast<T*>(a.k_cache) + slot_offset(slot, a.block_size, a.stride_kcb, a.stride_kct);
-  T* v_dst = static_cast<T*>(a.v_cache) + slot_offset(slot, a.block_size, a.stride_vcb, a.stride_vct);
+  const TokenRows<T> r(a, token, slot);
   for (int i = threadIdx.x; i < a.num_kv_heads * vecs; i += kThreads) {
     const int head = i / vecs, d = (i % vecs) * V;
-    rotate<T>(k + head * a.stride_kh, k_dst + head * a.stride_kch, d, half, cos, sin);
-    *reinterpret_cast<uint4*>(v_dst + head * a.stride_vch + d) =
-        *reinterpret_cast<const uint4*>(v + head * a.stride_vh + d);
-    *reinterpret_cast<uint4*>(v_dst + head * a.stride_vch + half + d) =
-        *reinterpret_cast<const uint4*>(v + head * a.stride_vh + half + d);
+    rotate<T>(r.k + head * a.stride_kh, r.k_dst + head * a.stride_kch, d, half, cos, sin);
+    *reinterpret_cast<uint4*>(r.v_dst + head * a.stride_vch + d) =
+        *reinterpret_cast<const uint4*>(r.v + head * a.stride_vh + d);
+    *reinterpret_cast<uint4*>(r.v_dst + head * a.stride_vch + half + d) =
+        *reinterpret_cast<const uint4*>(r.v + head * a.stride_vh + half + d);
   }
 }
 
