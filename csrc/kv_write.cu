@@ -37,10 +37,8 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const KVWriteArgs a)
   const TokenRows<T> r(a, token, slot);
   for (int i = threadIdx.x; i < a.num_kv_heads * vecs; i += kThreads) {
     const int head = i / vecs, d = (i % vecs) * V;
-    *reinterpret_cast<uint4*>(r.k_dst + head * a.stride_kch + d) =
-        *reinterpret_cast<const uint4*>(r.k + head * a.stride_kh + d);
-    *reinterpret_cast<uint4*>(r.v_dst + head * a.stride_vch + d) =
-        *reinterpret_cast<const uint4*>(r.v + head * a.stride_vh + d);
+    copy_vec<T>(r.k + head * a.stride_kh + d, r.k_dst + head * a.stride_kch + d);
+    copy_vec<T>(r.v + head * a.stride_vh + d, r.v_dst + head * a.stride_vch + d);
   }
 }
 
@@ -81,10 +79,8 @@ __global__ void __launch_bounds__(kThreads) rope_write_kv_kernel(const KVWriteAr
   for (int i = threadIdx.x; i < a.num_kv_heads * vecs; i += kThreads) {
     const int head = i / vecs, d = (i % vecs) * V;
     rotate<T>(r.k + head * a.stride_kh, r.k_dst + head * a.stride_kch, d, half, cos, sin);
-    *reinterpret_cast<uint4*>(r.v_dst + head * a.stride_vch + d) =
-        *reinterpret_cast<const uint4*>(r.v + head * a.stride_vh + d);
-    *reinterpret_cast<uint4*>(r.v_dst + head * a.stride_vch + half + d) =
-        *reinterpret_cast<const uint4*>(r.v + head * a.stride_vh + half + d);
+    copy_vec<T>(r.v + head * a.stride_vh + d, r.v_dst + head * a.stride_vch + d);
+    copy_vec<T>(r.v + head * a.stride_vh + half + d, r.v_dst + head * a.stride_vch + half + d);
   }
 }
 

@@ -53,6 +53,12 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[kVec<T>]) {
   *reinterpret_cast<uint4*>(p) = pack.raw;
 }
 
+// One 16-byte copy of kVec<T> elements, unconverted (both pointers 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void copy_vec(const T* src, T* dst) {
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
+
 // Calls f with a null pointer of the element type that `dtype` names.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {
