@@ -47,8 +47,20 @@ def check_latent_blocks(prompt: list[int], ids: LatentIds, row: int) -> int:
     return count
 
 
-def build_prompts(input_ids, attention_mask, num_thoughts, ids: LatentIds) -> tuple[list[list[int]], list[int]]:
+def check_token_ids(prompt: list[int], vocab_size: int, index: int) -> None:
+    """Every id of a prompt must index a row of the embedding matrix."""
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {index}: token ids must be in [0, {vocab_size}), got {bad[:5]}")
+
+
+def build_prompts(input_ids, attention_mask, num_thoughts, ids: LatentIds,
+                  vocab_size: int) -> tuple[list[list[int]], list[int]]:
     """The unpadded prompts with their latent blocks, and each prompt's number of thoughts."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -62,6 +74,7 @@ def build_prompts(input_ids, attention_mask, num_thoughts, ids: LatentIds) -> tu
     for b, p in enumerate(prompts):
         if not p:
             raise ValueError(f"input_ids row {b} is an empty prompt (no token with attention_mask 1)")
+        check_token_ids(p, vocab_size, b)
     carried = [check_latent_blocks(p, ids, b) for b, p in enumerate(prompts)]
     if num_thoughts is None:
         return prompts, carried
@@ -149,7 +162,8 @@ def generate(
     model, tokenizer = coconut.model, coconut.tokenizer
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    prompts, counts = build_prompts(input_ids, attention_mask, num_thoughts, ids)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    prompts, counts = build_prompts(input_ids, attention_mask, num_thoughts, ids, vocab_size)
     width = max(len(p) for p in prompts)
     limit = _max_positions(model.config)
     if limit is not None and width + max_new_tokens > limit:

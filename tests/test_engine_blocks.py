@@ -89,7 +89,8 @@ def test_cache_pools_have_the_flash_attn_layout():
     cache = PagedKVCache(num_layers=3, num_blocks=5, block_size=16, num_kv_heads=2, head_dim=8,
                          dtype=torch.bfloat16, device=torch.device("cpu"))
     assert len(cache.k) == len(cache.v) == 3
-    assert cache.k[0].shape == (5, 16, 2, 8) and cache.v[2].dtype == torch.bfloat16
+    assert cache.k[0].shape == (6, 16, 2, 8) and cache.v[2].dtype == torch.bfloat16  # 5 blocks + the scratch block
+    assert cache.scratch_block == 5
     assert PagedKVCache.bytes_per_block(3, 16, 2, 8, torch.bfloat16) == 2 * 3 * 16 * 2 * 8 * 2
     assert PagedKVCache.blocks_from_memory(0.5, 1 << 20, torch.device("cpu")) > 0
     with pytest.raises(ValueError, match="memory_fraction"):

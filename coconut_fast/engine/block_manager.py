@@ -5,6 +5,11 @@ block of prompt tokens is keyed by a hash chained over every token before it, an
 whose prompt starts the same way reuses the block instead of computing it again. A freed block
 keeps its key until it is handed out for something else, so a later identical prompt (or the
 recomputation of a preempted request) can still find it.
+
+A key only says what a block holds once the step that writes the block has run: blocks admitted in
+the step being scheduled are shareable within that step (its forward writes them before any row
+reads them) and are published by `commit_pending` after it; a step that fails drops their keys
+(`discard_pending`), so no later request can hit a block that was never computed.
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ class BlockAllocator:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))  # taken from the left, returned on the right
-        self.key_to_block: dict[bytes, int] = {}
+        self.key_to_block: dict[bytes, int] = {}  # blocks whose K/V a finished step wrote
+        self.pending: dict[bytes, int] = {}  # blocks the step being scheduled will write
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,7 +79,7 @@ class BlockAllocator:
         """Leading blocks of `seq`'s prompt already in the cache (the longest matching chain)."""
         hits = []
         for key, tokens in self.shared_prefix(seq):
-            block_id = self.key_to_block.get(key)
+            block_id = self.key_to_block.get(key, self.pending.get(key))
             if block_id is None or self.blocks[block_id].tokens != tokens:
                 break
             hits.append(block_id)
@@ -102,13 +108,31 @@ class BlockAllocator:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_cached_tokens = seq.num_computed = len(hits) * self.block_size
-        # the remaining shareable blocks are computed in this step; register them for later requests
+        # the remaining shareable blocks are computed in this step: published once it has run
         for key, tokens in self.shared_prefix(seq)[len(hits) :]:
             block = self.blocks[self.take_free_block()]
             block.key, block.tokens = key, tokens
-            self.key_to_block[key] = block.block_id
+            self.pending[key] = block.block_id
             seq.block_table.append(block.block_id)
         self.append(seq, end)
+
+    def commit_pending(self) -> None:
+        """The step has written its blocks: their keys serve later requests."""
+        self.key_to_block.update(self.pending)
+        self.pending.clear()
+
+    def discard_pending(self) -> None:
+        """The step failed: the blocks it was to write hold nothing a key may promise."""
+        for block_id in self.pending.values():
+            self.blocks[block_id].key = self.blocks[block_id].tokens = None
+        self.pending.clear()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every key (the K/V were computed under other weights, say); blocks in use stay in use."""
+        self.discard_pending()
+        for block in self.blocks:
+            block.key = block.tokens = None
+        self.key_to_block.clear()
 
     def can_append(self, seq: Sequence, end: int) -> bool:
         return self.blocks_for(end) - len(seq.block_table) <= self.num_free_blocks
@@ -140,14 +164,17 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """Per-layer K and V pools, each [num_blocks, block_size, num_kv_heads, head_dim] (flash-attn's paged layout)."""
+    """Per-layer K and V pools, each [num_blocks + 1, block_size, num_kv_heads, head_dim] (flash-attn's paged
+    layout). The last block, `scratch_block`, is never handed out: unused block-table entries point at it, so a
+    padding row or a loop step past a request's blocks reads and writes there, never in another request's block."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -6,7 +6,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..generation import check_latent_blocks
+from ..generation import check_latent_blocks, check_token_ids
 from ..tokens import LatentIds
 from .block_manager import BlockAllocator, PagedKVCache
 from .model_runner import ModelRunner
@@ -82,10 +82,51 @@ class LLM:
             if num_blocks < 1:
                 raise ValueError(f"memory_fraction {fraction} of the free {self.device.type} memory holds no cache block "
                                  f"of {per_block} bytes; raise memory_fraction or pass num_blocks")
-        self.blocks = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(causal_lm, num_blocks, block_size, self.max_positions, kernels, cuda_graphs)
+        self.sizes = dict(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens)
+        self.build()
         self.next_request_id = 0
+
+    def build(self) -> None:
+        """Allocator, scheduler and runner (cache pools, graphs) over the model's current weights."""
+        o, causal_lm = self.sizes, self.coconut.model
+        self.blocks = BlockAllocator(o["num_blocks"], o["block_size"], self.options["enable_prefix_caching"])
+        self.scheduler = Scheduler(self.blocks, o["max_num_seqs"], o["max_num_batched_tokens"])
+        self.runner = ModelRunner(causal_lm, o["num_blocks"], o["block_size"], self.max_positions,
+                                  self.options["kernels"], self.options["cuda_graphs"])
+        self.weights = weight_fingerprint(causal_lm)
+
+    # ------------------------------------------------------------ the model under the engine
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block, so the next requests compute their prompts afresh."""
+        self.blocks.reset_prefix_cache()
+
+    def sync_with_model(self) -> None:
+        """Before new requests: refuse a model with active dropout, and never serve K/V of other weights.
+
+        In-place weight updates (optimizer steps, `load_state_dict`, `p.add_` under no_grad) bump the
+        parameters' version counters but keep their storage, so the kernels and captured CUDA graphs read the
+        new values: only the prompt blocks cached under the old weights are dropped. New storage (a parameter
+        replaced, `load_state_dict(assign=True)`) rebuilds the runner, whose graphs hold the old pointers.
+        Writes that bump no version counter (through `.data`, fused optimizers) are not seen: call
+        `reset_prefix_cache()` after them.
+        """
+        dropout = active_dropout(self.coconut.model)
+        if dropout:
+            raise ValueError(f"the paged engine is for inference, but the model is in training mode with dropout in "
+                             f"{', '.join(dropout[:3])}{' ...' if len(dropout) > 3 else ''}: call .eval() on the model "
+                             "first, or generate with backend='torch'")
+        now = weight_fingerprint(self.coconut.model)
+        if now == self.weights:
+            return
+        if self.has_unfinished():
+            raise RuntimeError("the model's weights changed while requests were in flight; finish or abort them "
+                               "before changing the weights")
+        if [ptr for ptr, _ in now] != [ptr for ptr, _ in self.weights]:
+            self.build()
+        else:
+            self.reset_prefix_cache()
+            self.weights = now
 
     @property
     def num_blocks(self) -> int:
@@ -99,6 +140,7 @@ class LLM:
     # ------------------------------------------------------------ requests and steps
     def add_request(self, prompt: list[int], sampling: SamplingParams | None = None) -> int:
         """Queue a prompt (token ids with its latent block); returns its request id."""
+        self.sync_with_model()
         seq = self.new_sequence(prompt, sampling)
         self.scheduler.add(seq)
         return seq.seq_id
@@ -106,10 +148,7 @@ class LLM:
     def new_sequence(self, prompt: list[int], sampling: SamplingParams | None = None) -> Sequence:
         """A checked request, not yet queued: bad token ids, lengths or pool sizes are ValueErrors here."""
         sampling = sampling or SamplingParams()
-        vocab = self.runner.embed.weight.shape[0]
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        check_token_ids(prompt, self.runner.embed.weight.shape[0], self.next_request_id)
         total = len(prompt) + sampling.max_new_tokens
         if total > self.max_positions:
             raise ValueError(
@@ -143,10 +182,18 @@ class LLM:
                 raise RuntimeError("the scheduler could not schedule any waiting request")
             return []
         steps = self.thought_loop_steps(chunks)
-        if steps > 1:
-            self.run_thought_loop([seq for seq, _ in chunks], steps)
+        try:
+            if steps > 1:
+                self.run_thought_loop([seq for seq, _ in chunks], steps)
+                results = None
+            else:
+                results = self.runner.run(chunks)
+        except BaseException:  # the step's new prompt blocks were not (all) written: their keys go
+            self.blocks.discard_pending()
+            raise
+        self.blocks.commit_pending()
+        if results is None:
             return []
-        results = self.runner.run(chunks)
         finished = []
         for (seq, end), result in zip(chunks, results):
             seq.num_computed = end
@@ -209,6 +256,7 @@ class LLM:
         for name, values in (("num_thoughts", counts), ("sampling_params", params)):
             if len(values) != n:
                 raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
+        self.sync_with_model()
         ids, tokenizer = self.coconut.latent_ids, self.coconut.tokenizer
         token_prompts = [build_prompt(p, k, ids, tokenizer, i) for i, (p, k) in enumerate(zip(prompts, counts))]
         seqs = [self.new_sequence(p, s) for p, s in zip(token_prompts, params)]  # all checked before any runs
@@ -226,6 +274,21 @@ class LLM:
                 self.scheduler.abort(seq)
             raise
         return [outputs[seq.seq_id] for seq in seqs]
+
+
+def weight_fingerprint(model) -> list[tuple[int, int]]:
+    """(storage pointer, in-place version) of every parameter: changes when the weights are updated or replaced."""
+    return [(p.data_ptr(), p._version) for p in model.parameters()]
+
+
+def active_dropout(model) -> list[str]:
+    """Names of the modules that would drop activations now (training mode and a probability > 0)."""
+    names = []
+    for name, module in model.named_modules():
+        p = module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        if module.training and isinstance(p, (int, float)) and p > 0:
+            names.append(name or type(module).__name__)
+    return names
 
 
 def engine_for(coconut, min_blocks: int = 1, **options) -> LLM:

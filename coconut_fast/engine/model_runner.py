@@ -62,7 +62,7 @@ class ModelRunner:
     # ------------------------------------------------------------ batch
     def prepare(self, chunks: list[tuple[Sequence, int]]):
         """Flattened inputs of the step; decode chunks (one position) come first."""
-        bs = self.block_size
+        bs, scratch = self.block_size, self.cache.scratch_block
         token_ids, positions, slots, thought_rows, thoughts = [], [], [], [], []
         cu_seqlens, context_lens, tables = [0], [], []
         for seq, end in chunks:
@@ -83,7 +83,8 @@ class ModelRunner:
         meta = StepMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [scratch] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
             num_decode=len(chunks) - (len(cu_seqlens) - 1),
             prefill_cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
