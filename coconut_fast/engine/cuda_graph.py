@@ -31,13 +31,14 @@ def bucket_for(batch: int) -> int | None:
 class StaticInputs:
     """One bucket's input buffers; the graphs of the bucket read (and the thought loop advances) them."""
 
-    def __init__(self, rows: int, hidden: int, max_blocks: int, dtype: torch.dtype, device: torch.device):
-        self.rows = rows
+    def __init__(self, rows: int, hidden: int, max_blocks: int, scratch_block: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.rows, self.scratch_block = rows, scratch_block
         self.embeds = torch.zeros(rows, hidden, dtype=dtype, device=device)
         self.meta = StepMetadata(
             positions=torch.zeros(rows, dtype=torch.int64, device=device),
             slot_mapping=torch.full((rows,), -1, dtype=torch.int64, device=device),
-            block_tables=torch.zeros(rows, max_blocks, dtype=torch.int32, device=device),
+            block_tables=torch.full((rows, max_blocks), scratch_block, dtype=torch.int32, device=device),
             context_lens=torch.ones(rows, dtype=torch.int32, device=device),
             num_decode=rows,
             prefill_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device),
@@ -52,10 +53,11 @@ class StaticInputs:
         m.slot_mapping[:n].copy_(meta.slot_mapping)
         m.context_lens[:n].copy_(meta.context_lens)
         m.block_tables[:n, :width].copy_(meta.block_tables)
+        m.block_tables[:n, width:].fill_(self.scratch_block)  # a loop step past the reserved blocks lands there
         m.positions[n:].zero_()
         m.slot_mapping[n:].fill_(-1)
         m.context_lens[n:].fill_(1)
-        m.block_tables[n:].zero_()
+        m.block_tables[n:].fill_(self.scratch_block)
 
     def snapshot(self) -> list[torch.Tensor]:
         m = self.meta
@@ -119,7 +121,8 @@ class GraphRunner:
     def bucket_inputs(self, batch: int) -> StaticInputs:
         rows = bucket_for(batch)
         if rows not in self.inputs:
-            self.inputs[rows] = StaticInputs(rows, self.hidden, self.max_blocks, self.dtype, self.device)
+            self.inputs[rows] = StaticInputs(rows, self.hidden, self.max_blocks, self.cache.scratch_block,
+                                             self.dtype, self.device)
         return self.inputs[rows]
 
     def fits(self, batch: int, width: int) -> bool:
