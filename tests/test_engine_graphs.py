@@ -178,3 +178,27 @@ def test_uncapturable_kernels_fall_back_once_on_the_gpu():
         outputs = generate(llm, [5, 5, 5])
     assert len([w for w in record if "CUDA graph" in str(w.message)]) == 1
     assert_matches_reference(cm, outputs, QUESTIONS, [5, 5, 5], 8)
+
+
+def test_unused_block_table_entries_point_at_the_scratch_block():
+    """Padding columns and padding rows name the scratch block, so a loop step past a request's reserved blocks
+    (or a padding row) writes there and never into block 0, which another request may hold."""
+    cm = engine_model("llama")
+    llm = graph_engine(cm, kernels="torch")
+    scratch = llm.runner.cache.scratch_block
+    assert scratch == llm.num_blocks and llm.runner.cache.k[0].shape[0] == llm.num_blocks + 1
+    for q, k in ((QUESTIONS[0], 2), (QUESTIONS[2], 2), (QUESTIONS[1], 2)):
+        llm.add_request(full_prompt(cm, q, k), SamplingParams(max_new_tokens=2))
+    chunks = llm.scheduler.schedule()
+    embeds, meta = llm.runner.prepare(chunks)
+    for row, (seq, _) in enumerate(chunks):
+        n = len(seq.block_table)
+        assert meta.block_tables[row, :n].tolist() == seq.block_table
+        assert (meta.block_tables[row, n:] == scratch).all()
+        assert scratch not in seq.block_table
+    inputs = llm.runner.graphs.bucket_inputs(len(chunks))  # bucket 4: one padding row
+    single = llm.runner.prepare([(seq, seq.num_computed + 1) for seq, _ in chunks])[1]
+    inputs.load(embeds[: len(chunks)], single)
+    assert (inputs.meta.block_tables[len(chunks):] == scratch).all()
+    width = single.block_tables.shape[1]
+    assert (inputs.meta.block_tables[:, width:] == scratch).all()
