@@ -1,15 +1,22 @@
-"""Batched, KV-cached Coconut generation: thoughts first, then language, one cache throughout."""
+"""Batched, KV-cached Coconut generation: thoughts first, then language, one cache throughout.
+
+`generate` prepares the prompts (`prepare`) and hands them to a backend: `generate_torch` (the HF model
+with one DynamicCache) or `generate_paged` (the paged engine, built per model by `engine_for`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput
 
+from .engine import LLM, SamplingParams
 from .passes import run_passes
-from .reference import default_position_ids
-from .tokens import LatentIds
+from .prompts import build_prompts, default_position_ids, left_pad
+from .sampling import logits_warpers
+
+BACKENDS = ("torch", "paged")
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass
@@ -26,107 +33,45 @@ class CoconutGenerateOutput(ModelOutput):
     thoughts: torch.Tensor | None = None
 
 
-def check_latent_blocks(prompt: list[int], ids: LatentIds, row: int) -> int:
-    """Number of latents in a prompt whose latents all sit inside `<bot> … <eot>` blocks."""
-    inside, count = False, 0
-    for pos, tok in enumerate(prompt):
-        if tok == ids.start:
-            if inside:
-                raise ValueError(f"input_ids row {row}: nested <bot> at position {pos}")
-            inside = True
-        elif tok == ids.end:
-            if not inside:
-                raise ValueError(f"input_ids row {row}: <eot> at position {pos} without a <bot>")
-            inside = False
-        elif tok == ids.latent:
-            if not inside:
-                raise ValueError(f"input_ids row {row}: latent token at position {pos} outside a <bot> … <eot> block")
-            count += 1
-    if inside:
-        raise ValueError(f"input_ids row {row}: <bot> without a closing <eot>")
-    return count
+@dataclass
+class Prepared:
+    """A checked batch: the unpadded prompts with their blocks, and how to decode them."""
+
+    prompts: list[list[int]]
+    counts: list[int]  # thoughts per prompt
+    max_new_tokens: int
+    eos: list[int]
+    pad: int
+    sampling: dict  # do_sample, temperature, top_k, top_p
+
+    @property
+    def width(self) -> int:
+        return max(len(p) for p in self.prompts)
 
 
-def check_token_ids(prompt: list[int], vocab_size: int, index: int) -> None:
-    """Every id of a prompt must index a row of the embedding matrix."""
-    bad = [t for t in prompt if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt {index}: token ids must be in [0, {vocab_size}), got {bad[:5]}")
-
-
-def build_prompts(input_ids, attention_mask, num_thoughts, ids: LatentIds,
-                  vocab_size: int) -> tuple[list[list[int]], list[int]]:
-    """The unpadded prompts with their latent blocks, and each prompt's number of thoughts."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}")
-    B = input_ids.shape[0]
-    if B == 0:
-        raise ValueError("input_ids holds no prompt (batch size 0)")
-    prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-    for b, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"input_ids row {b} is an empty prompt (no token with attention_mask 1)")
-        check_token_ids(p, vocab_size, b)
-    carried = [check_latent_blocks(p, ids, b) for b, p in enumerate(prompts)]
-    if num_thoughts is None:
-        return prompts, carried
-    counts = [num_thoughts] * B if isinstance(num_thoughts, int) else list(num_thoughts)
-    if len(counts) != B:
-        raise ValueError(f"num_thoughts has {len(counts)} entries for a batch of {B} prompts")
-    for b, k in enumerate(counts):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"num_thoughts[{b}] must be an integer >= 0, got {k!r}")
-    for b, p in enumerate(prompts):
-        if ids.start in p or ids.end in p:
-            raise ValueError(
-                f"input_ids row {b} already carries a <bot> … <eot> block; pass num_thoughts=None "
-                "for prompts in the official format, or prompts without latent tokens with num_thoughts"
-            )
-    prompts = [p + [ids.start] + [ids.latent] * k + [ids.end] for p, k in zip(prompts, counts)]
-    return prompts, counts
-
-
-def left_pad(prompts: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as a left-padded batch: (input_ids, attention_mask)."""
+def prepare(coconut, input_ids, attention_mask, num_thoughts, max_new_tokens, eos_token_id, pad_token_id,
+            do_sample, temperature, top_k, top_p) -> Prepared:
+    """Check every argument once, for both backends; the prompts with their latent blocks."""
+    model, tokenizer = coconut.model, coconut.tokenizer
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    prompts, counts = build_prompts(input_ids, attention_mask, num_thoughts, coconut.latent_ids, vocab_size)
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _warpers(temperature: float, top_k: int, top_p: float) -> list:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    warpers = []
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
-
-
-BACKENDS = ("torch", "paged")
-
-
-def _max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and width + max_new_tokens > limit:
+        raise ValueError(
+            f"the longest prompt with its thoughts has {width} tokens; with max_new_tokens={max_new_tokens} "
+            f"that exceeds the model's context of {limit} positions"
+        )
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    if do_sample:
+        logits_warpers(temperature, top_k, top_p)  # checks the three values
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    return Prepared(prompts, counts, max_new_tokens, eos, pad, sampling)
 
 
 def generate(
@@ -158,80 +103,96 @@ def generate(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    ids: LatentIds = coconut.latent_ids
-    model, tokenizer = coconut.model, coconut.tokenizer
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    vocab_size = model.get_input_embeddings().weight.shape[0]
-    prompts, counts = build_prompts(input_ids, attention_mask, num_thoughts, ids, vocab_size)
-    width = max(len(p) for p in prompts)
-    limit = _max_positions(model.config)
-    if limit is not None and width + max_new_tokens > limit:
-        raise ValueError(
-            f"the longest prompt with its thoughts has {width} tokens; with max_new_tokens={max_new_tokens} "
-            f"that exceeds the model's context of {limit} positions"
-        )
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=coconut.device, dtype=torch.long)
-    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
-    pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
-    warpers = _warpers(temperature, top_k, top_p) if do_sample else None
+    batch = prepare(coconut, input_ids, attention_mask, num_thoughts, max_new_tokens, eos_token_id, pad_token_id,
+                    do_sample, temperature, top_k, top_p)
+    prompt_ids, _ = left_pad(batch.prompts, batch.pad, coconut.device)
+    run = generate_paged if backend == "paged" else generate_torch
+    new_tokens, thoughts = run(coconut, batch)
+    sequences = torch.cat([prompt_ids, new_tokens], dim=1)
+    if not (return_dict_in_generate or output_thoughts):
+        return sequences
+    out = CoconutGenerateOutput(sequences=sequences, prompt_length=batch.width,
+                                num_thoughts=torch.tensor(batch.counts, device=sequences.device))
+    if output_thoughts:
+        padded = thoughts[0].new_zeros(len(batch.counts), max(batch.counts, default=0), thoughts[0].shape[-1])
+        for b, t in enumerate(thoughts):
+            padded[b, : batch.counts[b]] = t
+        out.thoughts = padded
+    return out
 
-    B, device = len(prompts), coconut.device
-    seq, mask = left_pad(prompts, pad, device)
+
+# ---------------------------------------------------------------- the torch backend
+def generate_torch(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """New tokens [B, n] (pad after each EOS) and thoughts [k_b, H]: the Coconut passes over the prompts, then
+    one cached step per token."""
+    model, device = coconut.model, coconut.device
+    B = len(batch.prompts)
+    seq, mask = left_pad(batch.prompts, batch.pad, device)
     positions = default_position_ids(mask)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
-    if backend == "paged":
-        from .engine.llm import paged_generate
-
-        tokens, thoughts = paged_generate(
-            coconut, prompts, max_new_tokens, eos.tolist(), do_sample, temperature, top_k, top_p
-        )
-        new = torch.full((B, max(map(len, tokens))), pad, dtype=torch.long, device=device)
-        for b, t in enumerate(tokens):
-            new[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return _result(torch.cat([seq, new], dim=1), width, counts, thoughts, return_dict_in_generate, output_thoughts)
-
-    latent = seq == ids.latent
+    latent = seq == coconut.latent_ids.latent
     hidden, embeds, cache = run_passes(coconut.backbone, embed(seq), latent, mask, positions)
     logits = lm_head(hidden[:, -1]).float()
+    s = batch.sampling
+    warpers = logits_warpers(s["temperature"], s["top_k"], s["top_p"]) if s["do_sample"] else None
+    eos = torch.tensor(batch.eos, device=device, dtype=torch.long)
 
     new_tokens = []
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1] + 1
-    for step in range(max_new_tokens):
+    for step in range(batch.max_new_tokens):
         if warpers is None:
             token = logits.argmax(-1)
         else:
             for warp in warpers:
                 logits = warp(None, logits)
             token = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-        token = torch.where(unfinished, token, pad)
+        token = torch.where(unfinished, token, batch.pad)
         new_tokens.append(token)
         unfinished &= ~torch.isin(token, eos)
-        if step + 1 == max_new_tokens or not unfinished.any():
+        if step + 1 == batch.max_new_tokens or not unfinished.any():
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         h = coconut.backbone(embed(token[:, None]), mask, next_pos[:, None], cache)
         next_pos = next_pos + 1
         logits = lm_head(h[:, -1]).float()
-
-    sequences = torch.cat([seq, torch.stack(new_tokens, 1)], dim=1) if new_tokens else seq
-    thoughts = [embeds[b][latent[b]] for b in range(B)]
-    return _result(sequences, width, counts, thoughts, return_dict_in_generate, output_thoughts)
+    tokens = torch.stack(new_tokens, 1) if new_tokens else seq.new_zeros(B, 0)
+    return tokens, [embeds[b][latent[b]] for b in range(B)]
 
 
-def _result(sequences, width, counts, thoughts, return_dict_in_generate, output_thoughts):
-    """`sequences`, or the dict output with the thoughts [k_b, H] of each sample zero-padded."""
-    if not (return_dict_in_generate or output_thoughts):
-        return sequences
-    device = sequences.device
-    out = CoconutGenerateOutput(
-        sequences=sequences, prompt_length=width, num_thoughts=torch.tensor(counts, device=device)
-    )
-    if output_thoughts:
-        padded = thoughts[0].new_zeros(len(counts), max(counts, default=0), thoughts[0].shape[-1])
-        for b, t in enumerate(thoughts):
-            padded[b, : counts[b]] = t
-        out.thoughts = padded
-    return out
+# ---------------------------------------------------------------- the paged backend
+def engine_for(coconut, min_blocks: int = 1, **options) -> LLM:
+    """The engine `generate(backend="paged")` uses for `coconut`, built on first use and kept on the model.
+
+    Options given here (see `LLM`) replace the engine and are kept for later rebuilds. Without
+    `num_blocks` or `memory_fraction` the cache is sized to the batch at hand (`min_blocks`) and
+    grows with later, larger batches. The engine is also rebuilt when the model moved to another
+    device or dtype.
+    """
+    engine, user = getattr(coconut, "paged_engine", None) or (None, {})
+    user = dict(options) if options else user
+    sized_by_user = user.get("num_blocks") is not None or user.get("memory_fraction") is not None
+    dtype = coconut.model.get_input_embeddings().weight.dtype
+    if (engine is None or options or engine.device != coconut.device or engine.dtype != dtype
+            or (not sized_by_user and engine.num_blocks < min_blocks)):
+        built = dict(user)
+        if not sized_by_user:
+            built["num_blocks"] = max(min_blocks, engine.num_blocks if engine is not None and not options else 0)
+        engine = LLM(coconut, **built)
+        coconut.paged_engine = (engine, user)  # a plain attribute: kept out of state_dict
+    return engine
+
+
+def generate_paged(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """New tokens [B, n] (pad after each EOS) and thoughts [k_b, H], from the paged engine."""
+    _, user = getattr(coconut, "paged_engine", None) or (None, {})
+    block_size = user.get("block_size", DEFAULT_BLOCK_SIZE)
+    need = sum(-(-(len(p) + batch.max_new_tokens) // block_size) for p in batch.prompts)
+    engine = engine_for(coconut, min_blocks=need)
+    sampling = SamplingParams(max_new_tokens=batch.max_new_tokens, eos_token_ids=tuple(batch.eos), **batch.sampling)
+    outputs = engine.generate_checked(batch.prompts, [sampling] * len(batch.prompts))
+    tokens = torch.full((len(outputs), max(len(o.token_ids) for o in outputs)), batch.pad, dtype=torch.long,
+                        device=coconut.device)
+    for b, o in enumerate(outputs):
+        tokens[b, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+    return tokens, [o.thoughts for o in outputs]

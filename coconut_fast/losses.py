@@ -21,6 +21,15 @@ except ImportError:
 IGNORE_INDEX = -100
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels that are not -100."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
 def default_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk so that a chunk's logits are about as large as the hidden states."""
     return max(1, math.ceil(rows / max(1, math.ceil(vocab / hidden))))
@@ -108,7 +117,7 @@ def linear_cross_entropy(hidden, weight, bias, targets, chunk_rows: int | None =
 
 
 def causal_lm_linear_loss(hidden, lm_head: torch.nn.Module, labels, chunk_rows: int | None = None, use_liger=None):
-    """`reference.causal_lm_loss(lm_head(hidden), labels)` without the full logits.
+    """`causal_lm_loss(lm_head(hidden), labels)` without the full logits.
 
     Mean next-token cross-entropy over labels that are not -100; only those positions go
     through the LM head (one host sync to count them)."""

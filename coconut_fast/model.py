@@ -15,16 +15,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import generation
-from .losses import causal_lm_linear_loss
-from .parallel_latent import run_jacobi
-from .passes import Backbone, hf_checkpointing_off, layers_to_checkpoint, run_passes
-from .reference import causal_lm_loss, default_position_ids
 from . import tokens
+from .families import FAMILIES
+from .io import publish_directory
+from .losses import causal_lm_linear_loss, causal_lm_loss
+from .parallel_latent import run_jacobi
+from .passes import (Backbone, hf_checkpointing_off, latent_layout, layers_to_checkpoint, run_passes,
+                     shift_columns, unshift_columns)
+from .prompts import default_position_ids
 from .tokens import LATENT_TOKENS, latent_ids
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_FAMILIES = FAMILIES
 COCONUT_CONFIG = "coconut_config.json"
 OFFICIAL_PREFIX = "base_causallm."
 # Buffers older transformers saved in state dicts; they carry no weights.
@@ -39,68 +42,6 @@ class CoconutOutput(ModelOutput):
 
 
 LATENT_MODES = ("sequential", "parallel")
-
-
-def publish_directory(tmp: Path, target: Path) -> None:
-    """Put the finished directory `tmp` at `target`: an existing one is moved aside first and removed
-    after, so `target` is always a whole directory, the old one or the new one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    fd = os.open(target.parent, os.O_RDONLY)  # the renames reach the disk before the old copy goes
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@dataclass
-class LatentLayout:
-    """Where the latents of a batch sit once every sample's first latent is in the same column."""
-
-    shift: torch.Tensor  # [B] right-shift of each sample
-    width: int  # columns after the shift
-    span: tuple[int, int] | None  # first and last column holding a latent, after the shift
-
-
-def latent_layout(latent_mask: torch.Tensor, attention_mask: torch.Tensor) -> LatentLayout:
-    """Per-sample shifts that align the first latents, and the latent span; one host sync.
-
-    Samples without latents are not shifted. With the first latents aligned, k latents take k
-    single-column passes whatever the prompt lengths."""
-    B, T = latent_mask.shape
-    has = latent_mask.any(1)
-    first = latent_mask.int().argmax(1)
-    last = T - 1 - latent_mask.flip(1).int().argmax(1)
-    target = torch.where(has, first, 0).max()
-    shift = torch.where(has, target - first, 0)
-    orphan = latent_mask[:, :1] | (latent_mask[:, 1:] & (attention_mask[:, :-1] == 0))
-    last_col = torch.where(has, last + shift, 0).max()
-    stats = torch.stack([orphan.any().long(), has.any().long(), shift.max(), target, last_col])
-    is_orphan, any_latent, max_shift, first_col, last_col = stats.tolist()
-    if is_orphan:
-        raise ValueError("a latent slot must follow a real token: one is in column 0 or after padding")
-    return LatentLayout(shift, T + max_shift, (first_col, last_col) if any_latent else None)
-
-
-def shift_columns(x: torch.Tensor, shift: torch.Tensor, width: int, fill) -> torch.Tensor:
-    """Move row b of x right by shift[b] into a [B, width, ...] tensor filled with `fill`."""
-    idx = torch.arange(x.shape[1], device=x.device)[None] + shift[:, None]
-    out = x.new_full((x.shape[0], width, *x.shape[2:]), fill)
-    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return out.scatter(1, idx, x)
-
-
-def unshift_columns(x: torch.Tensor, shift: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of `shift_columns`: the `length` original columns of each row."""
-    idx = torch.arange(length, device=x.device)[None] + shift[:, None]
-    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, idx)
 
 
 class CoconutModel(nn.Module):
@@ -122,6 +63,7 @@ class CoconutModel(nn.Module):
         if family not in SUPPORTED_FAMILIES:
             logger.warning("model family %r is not among the tested families %s", family, SUPPORTED_FAMILIES)
         self.backbone = Backbone(model)
+        self.paged_engine = None  # (engine, its options), built by generate(backend="paged"); not in state_dict
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -139,6 +140,51 @@ def checkpointed_layers(layers: list[torch.nn.Module], cache):
             del layer.forward
             if previous is not None:
                 layer.forward = previous
+
+
+# ---------------------------------------------------------------- where the latents sit
+@dataclass
+class LatentLayout:
+    """Where the latents of a batch sit once every sample's first latent is in the same column."""
+
+    shift: torch.Tensor  # [B] right-shift of each sample
+    width: int  # columns after the shift
+    span: tuple[int, int] | None  # first and last column holding a latent, after the shift
+
+
+def latent_layout(latent_mask: torch.Tensor, attention_mask: torch.Tensor) -> LatentLayout:
+    """Per-sample shifts that align the first latents, and the latent span; one host sync.
+
+    Samples without latents are not shifted. With the first latents aligned, k latents take k
+    single-column passes whatever the prompt lengths."""
+    B, T = latent_mask.shape
+    has = latent_mask.any(1)
+    first = latent_mask.int().argmax(1)
+    last = T - 1 - latent_mask.flip(1).int().argmax(1)
+    target = torch.where(has, first, 0).max()
+    shift = torch.where(has, target - first, 0)
+    orphan = latent_mask[:, :1] | (latent_mask[:, 1:] & (attention_mask[:, :-1] == 0))
+    last_col = torch.where(has, last + shift, 0).max()
+    stats = torch.stack([orphan.any().long(), has.any().long(), shift.max(), target, last_col])
+    is_orphan, any_latent, max_shift, first_col, last_col = stats.tolist()
+    if is_orphan:
+        raise ValueError("a latent slot must follow a real token: one is in column 0 or after padding")
+    return LatentLayout(shift, T + max_shift, (first_col, last_col) if any_latent else None)
+
+
+def shift_columns(x: torch.Tensor, shift: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """Move row b of x right by shift[b] into a [B, width, ...] tensor filled with `fill`."""
+    idx = torch.arange(x.shape[1], device=x.device)[None] + shift[:, None]
+    out = x.new_full((x.shape[0], width, *x.shape[2:]), fill)
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return out.scatter(1, idx, x)
+
+
+def unshift_columns(x: torch.Tensor, shift: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of `shift_columns`: the `length` original columns of each row."""
+    idx = torch.arange(length, device=x.device)[None] + shift[:, None]
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
 
 
 # ---------------------------------------------------------------- the passes

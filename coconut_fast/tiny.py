@@ -15,7 +15,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+from .families import FAMILIES
+
+__all__ = ["FAMILIES", "tiny_config", "tiny_model"]
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, context: int = 256):

@@ -40,7 +40,7 @@ def assert_matches_reference(cm, outputs, questions, counts, max_new_tokens):
 
 
 def assert_all_blocks_free(llm):
-    assert llm.blocks.num_free_blocks == llm.num_blocks
-    assert all(b.ref_count == 0 for b in llm.blocks.blocks)
+    assert llm.allocator.num_free_blocks == llm.num_blocks
+    assert all(b.ref_count == 0 for b in llm.allocator.blocks)
     assert not llm.has_unfinished()
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from coconut_fast.engine import BlockAllocator, Phase, SamplingParams, Scheduler, Sequence
-from coconut_fast.engine.block_manager import PagedKVCache
+from coconut_fast.engine.kv_cache import PagedKVCache
 
 LATENT, BOT, EOT = 99, 98, 97
 
@@ -115,14 +115,14 @@ def test_admission_is_bounded_by_free_blocks_and_max_num_seqs():
                       max_num_seqs=2, max_num_batched_tokens=1000)
     for i in range(3):
         sched.add(seq(i, range(10 * i + 1, 10 * i + 9)))  # 8 tokens + <bot>: 3 blocks for the first chunk
-    first = sched.schedule()
+    first = sched.schedule().chunks
     assert [s.seq_id for s, _ in first] == [0, 1] and len(sched.waiting) == 1
     assert [end for _, end in first] == [9, 9]
     sched2 = Scheduler(BlockAllocator(num_blocks=5, block_size=4, enable_prefix_caching=False),
                        max_num_seqs=8, max_num_batched_tokens=1000)
     for i in range(3):
         sched2.add(seq(i, range(10 * i + 1, 10 * i + 9)))
-    assert [s.seq_id for s, _ in sched2.schedule()] == [0]  # a second one needs 3 more blocks, 2 are free
+    assert [s.seq_id for s, _ in sched2.schedule().chunks] == [0]  # a second one needs 3 more blocks, 2 are free
 
 
 def test_preemption_takes_the_newest_and_puts_it_first_in_line():
@@ -131,17 +131,17 @@ def test_preemption_takes_the_newest_and_puts_it_first_in_line():
     a, b = seq(0, [1, 2, 3], k=3, max_new_tokens=2), seq(1, [4, 5], k=3, max_new_tokens=2)
     sched.add(a)
     sched.add(b)
-    run_fake_step(sched, sched.schedule())  # a: 4 positions (2 blocks), b: 3 positions (2 blocks)
-    assert a.phase is Phase.THINKING and b.phase is Phase.THINKING
-    run_fake_step(sched, sched.schedule())  # a: position 4 (in a third block, the last free one), b: position 3
-    scheduled = sched.schedule()  # b needs a third block, none is free, and b is the newest: b is preempted
+    run_fake_step(sched, sched.schedule().chunks)  # a: 4 positions (2 blocks), b: 3 positions (2 blocks)
+    assert a.phase is Phase.LATENT and b.phase is Phase.LATENT
+    run_fake_step(sched, sched.schedule().chunks)  # a: position 4 (in a third block, the last free one), b: position 3
+    scheduled = sched.schedule().chunks  # b needs a third block, none is free, and b is the newest: b is preempted
     assert [s.seq_id for s, _ in scheduled] == [0]
-    assert sched.stats.num_preemptions == 1 and sched.stats.preempted_phases[Phase.THINKING] == 1
+    assert sched.stats.num_preemptions == 1 and sched.stats.preempted_phases[Phase.LATENT] == 1
     assert list(sched.waiting) == [b] and b.block_table == [] and b.num_computed == 0 and len(b.thoughts) == 2
     assert b.phase is Phase.PREFILL and b.next_chunk_end() == b.latent_positions[2]  # recompute with its thoughts
     assert sched.stats.steps[-1].num_preempted == 1
     while sched.has_unfinished():
-        run_fake_step(sched, sched.schedule())
+        run_fake_step(sched, sched.schedule().chunks)
     assert blocks.num_free_blocks == 5 and a.output_token_ids == b.output_token_ids == [5] * 2
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from coconut_fast import CoconutModel
-from coconut_fast.engine import LLM, SamplingParams, engine_for
-from coconut_fast.generation import left_pad
+from coconut_fast.engine import LLM, SamplingParams
+from coconut_fast.generation import engine_for
+from coconut_fast.prompts import left_pad
 from conftest import make_coconut
 from engine_helpers import assert_all_blocks_free, assert_matches_reference, engine_model
 
@@ -74,7 +75,7 @@ def test_in_place_weight_changes_drop_the_prefix_cache(family, change, tmp_path)
     engine_for(cm, kernels="torch", block_size=BLOCK)
     assert_paged_equals_torch(cm)
     engine = engine_for(cm)  # sized to the batch by the first call
-    assert engine.blocks.key_to_block  # the prompts' blocks are cached: a second call would reuse them
+    assert engine.allocator.key_to_block  # the prompts' blocks are cached: a second call would reuse them
     runner = engine.runner
     args = (cm, 11, tmp_path) if change == "official_checkpoint" else (cm, 11)
     CHANGES[change](*args)
@@ -117,9 +118,9 @@ def test_reset_prefix_cache_forgets_every_key():
     llm = LLM(cm, num_blocks=32, block_size=BLOCK, kernels="torch")
     sp = SamplingParams(max_new_tokens=2)
     llm.generate(QUESTIONS, sp, num_thoughts=COUNTS, use_tqdm=False)
-    assert llm.blocks.key_to_block
+    assert llm.allocator.key_to_block
     llm.reset_prefix_cache()
-    assert not llm.blocks.key_to_block and all(b.key is None for b in llm.blocks.blocks)
+    assert not llm.allocator.key_to_block and all(b.key is None for b in llm.allocator.blocks)
     first = len(llm.stats.steps)
     llm.generate(QUESTIONS[:1], sp, num_thoughts=COUNTS[:1], use_tqdm=False)
     assert llm.stats.steps[first].num_tokens == len(QUESTIONS[0]) + 1  # the whole prompt through <bot> again
@@ -131,14 +132,14 @@ def test_a_failed_prompt_step_publishes_no_key(monkeypatch, error):
     llm = LLM(cm, num_blocks=32, block_size=BLOCK, kernels="torch")
     sp = SamplingParams(max_new_tokens=NEW, eos_token_ids=(60,))
 
-    def fail(chunks):
+    def fail(step):
         raise error
 
     monkeypatch.setattr(llm.runner, "run", fail)  # the very step that admits the prompts and writes their blocks
     with pytest.raises(type(error)):
         llm.generate(QUESTIONS, sp, num_thoughts=COUNTS, use_tqdm=False)
-    assert not llm.blocks.key_to_block and not llm.blocks.pending
-    assert all(b.key is None for b in llm.blocks.blocks)
+    assert not llm.allocator.key_to_block and not llm.allocator.pending
+    assert all(b.key is None for b in llm.allocator.blocks)
     assert_all_blocks_free(llm)
     monkeypatch.undo()
     first = len(llm.stats.steps)
@@ -153,10 +154,10 @@ def test_blocks_are_shared_within_their_step_and_published_after_it(monkeypatch)
     llm = LLM(cm, num_blocks=32, block_size=BLOCK, kernels="torch")
     seen, run = [], llm.runner.run
 
-    def spy(chunks):
-        tables = [list(seq.block_table) for seq, _ in chunks]
-        seen.append((tables, set(llm.blocks.key_to_block.values()), set(llm.blocks.pending.values())))
-        return run(chunks)
+    def spy(step):
+        tables = [list(seq.block_table) for seq in step.seqs]
+        seen.append((tables, set(llm.allocator.key_to_block.values()), set(llm.allocator.pending.values())))
+        return run(step)
 
     monkeypatch.setattr(llm.runner, "run", spy)
     prompt = QUESTIONS[0] + [cm.latent_ids.start, cm.latent_ids.latent, cm.latent_ids.end]
@@ -164,7 +165,7 @@ def test_blocks_are_shared_within_their_step_and_published_after_it(monkeypatch)
     (a, b), published, pending = seen[0]
     assert a[:2] == b[:2] and not published and pending == set(a[:2])  # shared in the step that writes them
     assert all(not later_pending for _, _, later_pending in seen[1:])
-    assert set(llm.blocks.key_to_block.values()) == set(a[:2])  # published once the step has run
+    assert set(llm.allocator.key_to_block.values()) == set(a[:2])  # published once the step has run
     assert outputs[0].token_ids == outputs[1].token_ids
     assert_all_blocks_free(llm)
 

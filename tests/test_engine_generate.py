@@ -10,7 +10,7 @@ are identical.
 import pytest
 import torch
 
-from coconut_fast.engine import engine_for
+from coconut_fast.generation import engine_for
 from coconut_fast.generation import left_pad
 from coconut_fast.tiny import FAMILIES
 from engine_helpers import engine_model, full_prompt

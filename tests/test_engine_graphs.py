@@ -117,14 +117,14 @@ def test_loop_needs_blocks_for_all_its_steps():
     question = [5, 6, 7, 8, 9, 10]  # <bot> at 6, latents at 7..11: the loop covers positions 7..10
     llm.add_request(full_prompt(cm, question, 5), SamplingParams(max_new_tokens=4))
     llm.step()  # prefill: blocks for positions 0..6
-    chunks = llm.scheduler.schedule()  # one latent step: position 7, block 1
-    seq = chunks[0][0]
-    held = [llm.blocks.take_free_block() for _ in range(llm.blocks.num_free_blocks)]
-    assert llm.thought_loop_steps(chunks) == 1 and len(seq.block_table) == 2
+    held = [llm.allocator.take_free_block() for _ in range(llm.allocator.num_free_blocks)]
+    step = llm.scheduler.schedule()  # one latent step: position 7, block 1
+    seq = step.chunks[0][0]
+    assert step.latent_steps == 1 and len(seq.block_table) == 2
     for block_id in held:  # give them back
-        llm.blocks.blocks[block_id].ref_count = 0
-        llm.blocks.free_ids.append(block_id)
-    assert llm.thought_loop_steps(chunks) == 4 and len(seq.block_table) == 3
+        llm.allocator.blocks[block_id].ref_count = 0
+        llm.allocator.free_ids.append(block_id)
+    assert llm.scheduler.latent_steps(step.chunks) == 4 and len(seq.block_table) == 3
 
 
 def test_batches_beyond_the_largest_bucket_run_unpadded(monkeypatch):
@@ -189,7 +189,7 @@ def test_unused_block_table_entries_point_at_the_scratch_block():
     assert scratch == llm.num_blocks and llm.runner.cache.k[0].shape[0] == llm.num_blocks + 1
     for q, k in ((QUESTIONS[0], 2), (QUESTIONS[2], 2), (QUESTIONS[1], 2)):
         llm.add_request(full_prompt(cm, q, k), SamplingParams(max_new_tokens=2))
-    chunks = llm.scheduler.schedule()
+    chunks = llm.scheduler.schedule().chunks
     embeds, meta = llm.runner.prepare(chunks)
     for row, (seq, _) in enumerate(chunks):
         n = len(seq.block_table)

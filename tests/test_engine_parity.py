@@ -35,7 +35,7 @@ def test_answers_vary_so_parity_means_something():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
-def test_prefill_thinking_and_answering_share_a_step(family):
+def test_prefill_latent_and_decode_share_a_step(family):
     cm = engine_model(family)
     llm = LLM(cm, num_blocks=64, block_size=4, kernels="torch")
     questions, counts = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13, 14]], [0, 4, 2]
@@ -46,8 +46,8 @@ def test_prefill_thinking_and_answering_share_a_step(family):
     while llm.has_unfinished():
         outputs.update({o.request_id: o for o in llm.step()})
     third = llm.stats.steps[2]  # request 0 answers, request 1 thinks, request 2 is prefilled
-    assert third.phases == {Phase.ANSWERING: 1, Phase.THINKING: 1, Phase.PREFILL: 1}
-    assert llm.stats.steps_with(Phase.PREFILL, Phase.THINKING, Phase.ANSWERING) >= 1
+    assert third.phases == {Phase.DECODE: 1, Phase.LATENT: 1, Phase.PREFILL: 1}
+    assert llm.stats.steps_with(Phase.PREFILL, Phase.LATENT, Phase.DECODE) >= 1
     assert_matches_reference(cm, [outputs[i] for i in ids], questions, counts, 8)
     assert_all_blocks_free(llm)
 
@@ -58,7 +58,7 @@ def test_token_budget_staggers_admission_into_mixed_steps():
     questions, counts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18]], [0, 3, 2]
     outputs = llm.generate(questions, SamplingParams(max_new_tokens=8), num_thoughts=counts, use_tqdm=False)
     assert llm.stats.steps[0].phases == {Phase.PREFILL: 1}  # the second prompt did not fit the budget
-    assert llm.stats.steps_with(Phase.PREFILL, Phase.THINKING, Phase.ANSWERING) >= 1
+    assert llm.stats.steps_with(Phase.PREFILL, Phase.LATENT, Phase.DECODE) >= 1
     assert_matches_reference(cm, outputs, questions, counts, 8)
 
 
@@ -71,7 +71,7 @@ def test_preemption_by_a_tiny_pool_keeps_answers_identical(family):
     llm = LLM(cm, num_blocks=12, block_size=2, kernels="torch")
     outputs = llm.generate(questions, SamplingParams(max_new_tokens=6), num_thoughts=counts, use_tqdm=False)
     assert llm.stats.num_preemptions > 0
-    assert llm.stats.preempted_phases[Phase.THINKING] > 0  # recomputed from the kept thought vectors
+    assert llm.stats.preempted_phases[Phase.LATENT] > 0  # recomputed from the kept thought vectors
     assert sum(o.num_preemptions for o in outputs) == llm.stats.num_preemptions
     assert llm.stats.peak_used_blocks <= 12
     assert_matches_reference(cm, outputs, questions, counts, 6)
@@ -88,7 +88,7 @@ def test_identical_prompts_share_prefix_blocks():
     llm.scheduler.schedule()  # admission only; inspect the tables before running
     a, b, c = llm.scheduler.running
     assert a.block_table[:2] == b.block_table[:2] and a.block_table[2:] != b.block_table[2:]
-    assert [llm.blocks.blocks[i].ref_count for i in a.block_table[:2]] == [2, 2]
+    assert [llm.allocator.blocks[i].ref_count for i in a.block_table[:2]] == [2, 2]
     assert b.num_cached_tokens == 8 and a.num_cached_tokens == 0 and not set(c.block_table) & set(a.block_table)
 
     shared = LLM(cm, num_blocks=64, block_size=4, kernels="torch")

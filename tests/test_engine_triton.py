@@ -1,7 +1,7 @@
 """The engine with its Triton kernels, interpreted on CPU (TRITON_INTERPRET=1), on tiny models.
 
 Same bar as the torch-kernel runs: greedy tokens identical to the reference in float32, thoughts
-within 1e-5, with prefill, thinking and answering in one step and with preemption forced by a
+within 1e-5, with prefill, latent and decode work in one step and with preemption forced by a
 tiny pool. The interpreter is slow, so the prompts are few and short.
 """
 import pytest
@@ -20,7 +20,7 @@ QUESTIONS, COUNTS, NEW_TOKENS = [[5, 6, 7, 8], [1, 2], [12, 13, 14]], [0, 3, 1],
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_interpreted_kernels_match_reference_with_mixed_phases_and_preemption(family):
     cm = engine_model(family)
-    # 8 blocks of 2: step 3 holds all three requests (answering, thinking, prefill), then the
+    # 8 blocks of 2: step 3 holds all three requests (decode, latent, prefill), then the
     # first one needs a fifth block and the newest is preempted
     llm = LLM(cm, num_blocks=8, block_size=2, kernels="triton")
     assert llm.runner.kernels.name == "triton"
@@ -31,14 +31,14 @@ def test_interpreted_kernels_match_reference_with_mixed_phases_and_preemption(fa
         outputs.update({o.request_id: o for o in llm.step()})
     while llm.has_unfinished():
         outputs.update({o.request_id: o for o in llm.step()})
-    assert llm.stats.steps_with(Phase.PREFILL, Phase.THINKING, Phase.ANSWERING) >= 1
+    assert llm.stats.steps_with(Phase.PREFILL, Phase.LATENT, Phase.DECODE) >= 1
     assert llm.stats.num_preemptions > 0
     assert_matches_reference(cm, [outputs[i] for i in ids], QUESTIONS, COUNTS, NEW_TOKENS)
     assert_all_blocks_free(llm)
 
 
 def test_generate_paged_picks_triton_and_equals_torch_backend():
-    from coconut_fast.engine import engine_for
+    from coconut_fast.generation import engine_for
     from coconut_fast.generation import left_pad
 
     cm = engine_model("qwen3")  # its per-head q/k norms go through the RMSNorm kernel too

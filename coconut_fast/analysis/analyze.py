@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.records import tokenize_record
-from ..generation import left_pad
+from ..prompts import left_pad
 from .lens import consecutive_cosines, lens_probs, thought_norms, top_tokens
 from .prosqa_graph import ProsQAGraph, concept_token_ids, frontier_masses, has_graph, read_step
 from .switch import read_steps, stop_token_ids, switch_steps

@@ -1,4 +1,5 @@
-"""The paged KV cache: per-layer K/V pools of fixed-size blocks and the allocator that hands them out.
+"""The bookkeeping of the paged KV cache: which cache blocks are free, who holds them, what they hold.
+(The K/V tensors themselves are in `kv_cache.py`.)
 
 Blocks are reference counted so requests with an identical prompt prefix share them: a full
 block of prompt tokens is keyed by a hash chained over every token before it, and a request
@@ -15,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections import deque
-
-import torch
 
 from .sequence import Sequence
 
@@ -161,32 +159,3 @@ class BlockAllocator:
             if block.ref_count == 0:
                 self.free_ids.append(block_id)
         seq.reset_cache_state()
-
-
-class PagedKVCache:
-    """Per-layer K and V pools, each [num_blocks + 1, block_size, num_kv_heads, head_dim] (flash-attn's paged
-    layout). The last block, `scratch_block`, is never handed out: unused block-table entries point at it, so a
-    padding row or a loop step past a request's blocks reads and writes there, never in another request's block."""
-
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.scratch_block = num_blocks
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-    @staticmethod
-    def blocks_from_memory(fraction: float, bytes_per_block: int, device: torch.device) -> int:
-        """Blocks that fit in `fraction` of the device's free memory (free RAM on CPU)."""
-        if not 0 < fraction <= 1:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-        else:
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        return int(free * fraction) // bytes_per_block

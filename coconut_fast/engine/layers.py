@@ -1,4 +1,5 @@
-"""The building blocks of the engine's forward: kernel choice, step metadata, paged attention, norms."""
+"""What every layer of the engine's forward shares: the kernel choice, the step metadata, paged attention,
+the RoPE table."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ class StepMetadata:
 
 
 class PagedAttention:
-    """Writes the step's K/V into the cache, then attends over the cache (decode and prefill rows apart)."""
+    """Attends the step's queries over the cache (decode and prefill rows apart); the forward has written the
+    step's K/V into the cache before."""
 
     def __init__(self, kernels: SimpleNamespace, scale: float):
         self.kernels = kernels

@@ -3,9 +3,9 @@ thoughts or sampled tokens.
 
 A step holds three kinds of work side by side, one per request:
 - prefill: a request's prompt through `<bot>` (or, after preemption, everything known so far);
-- latent step: the input is the previous thought; the final-norm hidden state becomes the next
-  thought, and the LM head is skipped;
-- decode step: the input is the last token's embedding; LM head, then greedy or sampled token.
+- latent: the input is the previous thought; the final-norm hidden state becomes the next
+  thought, and the LM head is skipped (a thought loop runs several latent steps back to back);
+- decode: the input is the last token's embedding; LM head, then greedy or sampled token.
 """
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ import functools
 
 import torch
 
-from ..generation import _warpers
-from .block_manager import PagedKVCache
+from ..sampling import logits_warpers
+from . import cuda_graph
 from .cuda_graph import GraphRunner
+from .kv_cache import PagedKVCache, kv_shape
 from .layers import StepMetadata, select_kernels
 from .models import build_forward
 from .sequence import SamplingParams, Sequence
+from .step import ScheduledStep, StepOutput
 
 
 @functools.lru_cache(maxsize=64)
 def warpers_for(params: SamplingParams) -> tuple:
     """transformers' temperature / top-k / top-p logits warpers for a request's sampling parameters."""
-    return tuple(_warpers(params.temperature, params.top_k, params.top_p))
+    return tuple(logits_warpers(params.temperature, params.top_k, params.top_p))
 
 
 class ModelRunner:
@@ -38,7 +40,7 @@ class ModelRunner:
         self.embed = causal_lm.get_input_embeddings()
         self.lm_head = causal_lm.get_output_embeddings()
         self.block_size = block_size
-        self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, self.forward.num_kv_heads,
+        self.cache = PagedKVCache(kv_shape(causal_lm)[0], num_blocks, block_size, self.forward.num_kv_heads,
                                   self.forward.head_dim, self.dtype, self.device)
         self.graphs = None
         if cuda_graphs:
@@ -46,18 +48,9 @@ class ModelRunner:
                                       -(-max_positions // block_size), self.dtype, self.device)
 
     @property
-    def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
-
-    @staticmethod
-    def cache_block_bytes(causal_lm, block_size: int) -> int:
-        """Bytes one block takes over all layers, K and V."""
-        config = causal_lm.config
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        dtype = causal_lm.get_input_embeddings().weight.dtype
-        return PagedKVCache.bytes_per_block(config.num_hidden_layers, block_size, kv_heads, head_dim, dtype)
+    def loop_rows(self) -> int:
+        """The most requests one captured thought loop takes (0 without graphs)."""
+        return cuda_graph.BATCH_BUCKETS[-1] if self.graphs is not None else 0
 
     # ------------------------------------------------------------ batch
     def prepare(self, chunks: list[tuple[Sequence, int]]):
@@ -96,8 +89,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------ step
     @torch.no_grad()
-    def run(self, chunks: list[tuple[Sequence, int]]) -> list[torch.Tensor | int | None]:
-        """For each (request, end): its new thought [H], its new token, or None (no token allowed)."""
+    def run(self, step: ScheduledStep) -> StepOutput:
+        """The step's new thoughts and tokens, per request in the step's order."""
+        if step.latent_steps > 1:
+            return self.run_thought_loop(step.seqs, step.latent_steps)
+        chunks = step.chunks
         order = sorted(range(len(chunks)), key=lambda i: chunks[i][1] - chunks[i][0].num_computed > 1)
         ordered = [chunks[i] for i in order]
         embeds, meta = self.prepare(ordered)
@@ -107,26 +103,25 @@ class ModelRunner:
             hidden = self.forward(embeds, meta, self.cache)
         counts = torch.tensor([end - seq.num_computed for seq, end in ordered], device=self.device)
         last = hidden[counts.cumsum(0) - 1]
-        results: list = [None] * len(chunks)
+        output = StepOutput([None] * len(chunks), [None] * len(chunks))
         wants = []
         for row, (i, (seq, end)) in enumerate(zip(order, ordered)):
             if not seq.wants_token(end):
-                results[i] = last[row].clone()
+                output.thoughts[i] = last[row : row + 1].clone()
             elif seq.sampling.max_new_tokens > len(seq.output_token_ids):
                 wants.append((row, i, seq))
         if wants:
             logits = self.lm_head(last[[row for row, _, _ in wants]]).float()
-            tokens = self.sample(logits, [seq for _, _, seq in wants])
-            for (_, i, _), token in zip(wants, tokens):
-                results[i] = token
-        return results
+            for (_, i, _), token in zip(wants, self.sample(logits, [seq for _, _, seq in wants])):
+                output.tokens[i] = token
+        return output
 
-    @torch.no_grad()
-    def run_thought_loop(self, seqs: list[Sequence], num_steps: int) -> torch.Tensor:
-        """Thoughts [num_steps, len(seqs), H] of `num_steps` latent steps of each request, run back to back
-        on the graph runner (blocks for the positions must be allocated)."""
+    def run_thought_loop(self, seqs: list[Sequence], num_steps: int) -> StepOutput:
+        """`num_steps` latent steps of each request, back to back on the graph runner (blocks for the positions
+        must be reserved)."""
         embeds, meta = self.prepare([(seq, seq.num_computed + 1) for seq in seqs])
-        return self.graphs.thought_loop(embeds, meta, num_steps)
+        thoughts = self.graphs.thought_loop(embeds, meta, num_steps).transpose(0, 1).clone()  # [n, steps, H]
+        return StepOutput(list(thoughts.unbind(0)), [None] * len(seqs))
 
     @staticmethod
     def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

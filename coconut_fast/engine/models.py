@@ -11,11 +11,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .block_manager import PagedKVCache
+from ..families import FAMILIES, LLAMA_FAMILY
+from .kv_cache import PagedKVCache
 from .layers import PagedAttention, StepMetadata, rope_table
-
-LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
-FAMILIES = ("gpt2", *LLAMA_FAMILY)
 
 
 def sliding_window(config) -> int | None:
@@ -60,21 +58,21 @@ class LlamaForward:
 
     def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
         """All layers; returns the last layer's output and residual, before the final norm."""
-        k_ = self.kernels
+        ops = self.kernels
         T, D = embeds.shape[0], self.head_dim
         hidden, residual = embeds, None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x, residual = k_.add_rms_norm(hidden, residual, layer.input_layernorm.weight, self.eps)
+            x, residual = ops.add_rms_norm(hidden, residual, layer.input_layernorm.weight, self.eps)
             q = attn.q_proj(x).view(T, -1, D)
             k = attn.k_proj(x).view(T, -1, D)
             v = attn.v_proj(x).view(T, -1, D)
             if self.qk_norm:
                 q, k = self.head_norm(q, attn.q_norm), self.head_norm(k, attn.k_norm)
-            q = k_.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions, self.cos, self.sin)
+            q = ops.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions, self.cos, self.sin)
             out = self.attention(q, cache.k[i], cache.v[i], meta)
             hidden = attn.o_proj(out.view(T, -1))
-            x, residual = k_.add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)
+            x, residual = ops.add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)
             hidden = layer.mlp(x)
         return hidden, residual
 
@@ -85,14 +83,14 @@ class GPT2Forward:
     def __init__(self, causal_lm, kernels: SimpleNamespace, max_positions: int):
         base, config = causal_lm.transformer, causal_lm.config
         self.kernels = kernels
-        self.blocks = list(base.h)
+        self.layers = list(base.h)
         self.wpe, self.ln_f = base.wpe, base.ln_f
         self.eps = config.layer_norm_epsilon
         self.hidden = config.n_embd
-        self.head_dim = self.blocks[0].attn.head_dim
+        self.head_dim = self.layers[0].attn.head_dim
         self.num_kv_heads = config.n_head
         # the scale may differ per layer (scale_attn_by_inverse_layer_idx)
-        self.attention = [PagedAttention(kernels, block.attn.scaling) for block in self.blocks]
+        self.attention = [PagedAttention(kernels, layer.attn.scaling) for layer in self.layers]
 
     def __call__(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
         hidden, residual = self.body(embeds, meta, cache)
@@ -105,18 +103,18 @@ class GPT2Forward:
                                      meta.slot_mapping, meta.block_tables, block_size)
 
     def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
-        """All blocks; returns the last block's output and residual, before ln_f."""
-        k_ = self.kernels
+        """All layers; returns the last layer's output and residual, before ln_f."""
+        ops = self.kernels
         T, H, D = embeds.shape[0], self.hidden, self.head_dim
         hidden, residual = embeds + self.wpe(meta.positions), None
-        for i, block in enumerate(self.blocks):
-            x, residual = k_.add_layer_norm(hidden, residual, block.ln_1.weight, block.ln_1.bias, self.eps)
-            q, k, v = (t.reshape(T, -1, D).contiguous() for t in block.attn.c_attn(x).split(H, dim=-1))
-            k_.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
+        for i, layer in enumerate(self.layers):
+            x, residual = ops.add_layer_norm(hidden, residual, layer.ln_1.weight, layer.ln_1.bias, self.eps)
+            q, k, v = (t.reshape(T, -1, D).contiguous() for t in layer.attn.c_attn(x).split(H, dim=-1))
+            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
             out = self.attention[i](q, cache.k[i], cache.v[i], meta)
-            hidden = block.attn.c_proj(out.view(T, H))
-            x, residual = k_.add_layer_norm(hidden, residual, block.ln_2.weight, block.ln_2.bias, self.eps)
-            hidden = block.mlp(x)
+            hidden = layer.attn.c_proj(out.view(T, H))
+            x, residual = ops.add_layer_norm(hidden, residual, layer.ln_2.weight, layer.ln_2.bias, self.eps)
+            hidden = layer.mlp(x)
         return hidden, residual
 
 

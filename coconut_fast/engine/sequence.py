@@ -1,4 +1,9 @@
-"""One request's state: its tokens, its continuous thoughts, its place in the KV cache."""
+"""One request's state: its tokens, its continuous thoughts, its place in the KV cache.
+
+A request moves through three phases, the engine's one vocabulary from scheduler to kernels:
+prefill (its prompt up to the first latent slot, or everything known so far after preemption),
+latent (the next input is a continuous thought) and decode (the next input is a token).
+"""
 from __future__ import annotations
 
 import bisect
@@ -7,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import _warpers
+from ..sampling import logits_warpers
 
 
 class Phase(enum.Enum):
     PREFILL = "prefill"  # nothing computed since admission (a new or a preempted request)
-    THINKING = "thinking"  # the next input is a continuous thought
-    ANSWERING = "answering"  # the next input is a generated or trailing prompt token
+    LATENT = "latent"  # the next input is a continuous thought
+    DECODE = "decode"  # the next input is a generated or trailing prompt token
     FINISHED = "finished"
 
 
@@ -42,7 +47,7 @@ class SamplingParams:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if self.do_sample:
-            _warpers(self.temperature, self.top_k, self.top_p)  # validates the three values
+            logits_warpers(self.temperature, self.top_k, self.top_p)  # validates the three values
 
 
 class Sequence:
@@ -106,8 +111,8 @@ class Sequence:
         if self.num_computed == self.num_cached_tokens:  # nothing computed since admission
             return Phase.PREFILL
         if self.thought_slots(self.num_computed, self.num_computed + 1):
-            return Phase.THINKING
-        return Phase.ANSWERING
+            return Phase.LATENT
+        return Phase.DECODE
 
     def next_chunk_end(self) -> int:
         """End (exclusive) of the positions whose inputs are known from `num_computed` on."""

@@ -1,6 +1,8 @@
 """The CUDA kernels of `coconut_fast._C` (csrc/), with the argument checks and call signatures of their Triton
 twins, so the engine can take either. The extension is optional: without it these raise a clear error."""
 
+import importlib
+
 import torch
 
 from ._common import expect
@@ -8,8 +10,8 @@ from .decode_attention import check_decode_args, decode_buffers
 from .kv_write import check_kv_args, check_rope_args
 from .latent_feedback import check_feedback_args
 
-try:
-    from .. import _C
+try:  # by module name: the extension is a leaf, and the package above it is not imported from here
+    _C = importlib.import_module("coconut_fast._C")
 except ImportError:  # built only by `pip install -e . --no-build-isolation` with a CUDA torch
     _C = None
 

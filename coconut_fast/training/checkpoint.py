@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..model import publish_directory
+from ..io import publish_directory
 from .distributed import DistContext, all_reduce, barrier, is_fsdp
 
 WEIGHTS_FILE = "model.safetensors"

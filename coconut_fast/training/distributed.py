@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model import latent_layout
+from ..passes import latent_layout
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..data.curriculum import CurriculumConfig, build_eval_example, build_training_example
 from ..data.records import TokenizedRecord, answer_matches, extract_answer, extract_cot
-from ..generation import left_pad
+from ..prompts import left_pad
 from .distributed import DistContext, SyncedForward, all_reduce, gather_objects
 
 
