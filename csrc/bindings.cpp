@@ -133,7 +133,7 @@ void latent_feedback(const at::Tensor& x, const at::Tensor& residual, const at::
   a.stride_x = x.stride(0), a.stride_r = residual.stride(0), a.stride_t = thought_out.stride(0);
   a.stride_e = next_embeds.stride(0), a.stride_bt = block_tables.stride(0);
   a.eps = static_cast<float>(eps), a.rows = x.size(0), a.hidden = x.size(1);
-  a.block_size = block_size;
+  a.block_size = block_size, a.max_blocks = block_tables.size(1);
   a.rms = rms;
   raise_on_error(coconut::latent_feedback(a, dtype_of(x.scalar_type()), c10::cuda::getCurrentCUDAStream()), "latent_feedback");
 }

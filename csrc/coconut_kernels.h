@@ -62,7 +62,7 @@ struct LatentFeedbackArgs {
   const int32_t* block_tables;  // [B, max_blocks]
   int64_t stride_x, stride_r, stride_t, stride_e, stride_bt;
   float eps;
-  int rows, hidden, block_size;
+  int rows, hidden, block_size, max_blocks;  // max_blocks: the width of block_tables
   bool rms;  // RMSNorm (Llama family) or LayerNorm (GPT-2)
 };
 

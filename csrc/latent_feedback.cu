@@ -71,7 +71,9 @@ __global__ void __launch_bounds__(kThreads) latent_feedback_kernel(const LatentF
     const int64_t position = a.positions[row] + 1;
     a.positions[row] = position;
     a.context_lens[row] += 1;
-    const int64_t block = a.block_tables[row * a.stride_bt + position / a.block_size];
+    // a row at the last position steps one column past the table: clamp, as the torch reference does
+    const int64_t column = min(position / a.block_size, static_cast<int64_t>(a.max_blocks - 1));
+    const int64_t block = a.block_tables[row * a.stride_bt + column];
     a.slot_mapping[row] = block * a.block_size + position % a.block_size;
   }
 }

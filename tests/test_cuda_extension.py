@@ -1,6 +1,7 @@
 """The CUDA extension's build: the sources compile (nvcc for the kernels, the host compiler against torch's headers
-for the bindings), setup.py skips the build cleanly on a CPU torch and targets sm_80 / sm_90 or the user's list,
-and the engine names the missing extension. The kernels themselves are tested beside their Triton twins."""
+for the bindings), setup.py skips the build cleanly on a CPU torch and targets sm_80 / sm_90 (+ sm_90 PTX) or the
+user's list, and the engine names the missing extension. The kernels themselves are tested beside their Triton
+twins."""
 import importlib.util
 import os
 import shutil
@@ -85,9 +86,10 @@ def test_setup_skips_the_extension_on_cpu_torch():
     assert "coconut-fast" in result.stdout
 
 
-@pytest.mark.parametrize("arch_list, expected", [(None, "8.0;9.0"), ("9.0", "9.0"), ("8.6;9.0+PTX", "8.6;9.0+PTX")])
-def test_setup_targets_sm80_sm90_or_the_users_list(monkeypatch, arch_list, expected):
-    """With a CUDA torch (simulated: version and CUDA_HOME) setup.py builds every csrc source into coconut_fast._C."""
+@pytest.mark.parametrize("arch_list, expected", [(None, "8.0;9.0+PTX"), ("9.0", "9.0"), ("8.6;9.0", "8.6;9.0")])
+def test_setup_targets_sm80_sm90_ptx_or_the_users_list(monkeypatch, arch_list, expected):
+    """With a CUDA torch (simulated: version and CUDA_HOME) setup.py builds every csrc source into coconut_fast._C,
+    by default as sm_80 and sm_90 code plus sm_90 PTX, so GPUs newer than sm_90 load it too."""
     from torch.utils import cpp_extension
 
     setup_module = load_setup_module()

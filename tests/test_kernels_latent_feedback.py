@@ -53,6 +53,28 @@ def test_latent_feedback_matches_reference(fn, rows, hidden, norm, dtype):
         assert torch.equal(advanced[name], value), name
 
 
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS)
+def test_a_row_at_the_last_position_stays_inside_the_table(fn):
+    """A live row at the last position (max_positions - 1) advances to max_positions, whose block index is the
+    table's width: the kernels take the last column, as the reference does. The table is a view of a wider buffer
+    whose extra column is poison, so a read past the width shows in the slot."""
+    rows, width = 4, 4
+    x, residual, weight, bias, meta = step_inputs(rows, 64, torch.float32)
+    wide = torch.full((rows, width + 1), 1_000_000, dtype=torch.int32, device=DEVICE)
+    wide[:, :width] = meta["block_tables"]
+    meta["block_tables"] = wide[:, :width]
+    meta["positions"] = torch.full((rows,), width * BLOCK_SIZE - 1, device=DEVICE)
+    meta["context_lens"] = (meta["positions"] + 1).to(torch.int32)
+    live = meta["slot_mapping"] >= 0
+    meta["slot_mapping"] = torch.where(live, meta["block_tables"][:, -1].long() * BLOCK_SIZE + BLOCK_SIZE - 1, -1)
+    _, _, advanced = run(fn, x, residual, weight, bias, False, meta)
+    _, _, expected = run(latent_feedback_reference, x, residual, weight, bias, False, meta)
+    last_column_slots = meta["block_tables"][:, -1].long() * BLOCK_SIZE  # position max_positions % BLOCK_SIZE == 0
+    assert torch.equal(expected["slot_mapping"], torch.where(live, last_column_slots, -1))
+    for name, value in expected.items():
+        assert torch.equal(advanced[name], value), name
+
+
 def test_reference_advances_live_rows_only():
     x, residual, weight, bias, meta = step_inputs(6, 32, torch.float32)
     _, _, advanced = run(latent_feedback_reference, x, residual, weight, bias, False, meta)

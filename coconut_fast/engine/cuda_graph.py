@@ -15,6 +15,7 @@ torch reference kernels sync with the host, say), the same static-buffer code ru
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 
@@ -105,6 +106,7 @@ class GraphRunner:
         self.inputs: dict[int, StaticInputs] = {}
         self.bodies: dict[tuple, ThoughtLoopGraph | DecodeGraph] = {}
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.replays: Counter[tuple] = Counter()  # replays per graph key (benchmarks check graphs really ran)
         self.capture = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.eager_reason: str | None = None
@@ -156,25 +158,36 @@ class GraphRunner:
             self.try_capture(key, body)
         if key in self.graphs:
             self.graphs[key].replay()
+            self.replays[key] += 1
         else:
             body()
 
     def try_capture(self, key: tuple, body) -> None:
-        """Warm up on the real inputs (compiles kernels, sets up cuBLAS), put the inputs back, capture."""
+        """Warm up on the real inputs (compiles kernels, sets up cuBLAS), put the inputs back, capture.
+
+        The caller's stream is current again afterwards whatever fails: a capture that fails in capture_end leaves
+        torch's capture stream current, and the eager fallback must not run on it."""
         saved = body.inputs.snapshot()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        body.inputs.restore(saved)
+        stream = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
+        failure = None
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
                 body()
-        except Exception as error:  # e.g. a kernel that syncs with the host
+            stream.wait_stream(side)
+            body.inputs.restore(saved)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    body()
+            except Exception as error:  # e.g. a kernel that syncs with the host
+                failure = error
+        finally:
+            torch.cuda.set_stream(stream)
+        if failure is not None:
             torch.cuda.synchronize(self.device)
             body.inputs.restore(saved)
-            self.fall_back(f"CUDA graph capture failed ({type(error).__name__}: {error})")
+            self.fall_back(f"CUDA graph capture failed ({type(failure).__name__}: {failure})")
             return
         self.graphs[key] = graph

@@ -74,7 +74,7 @@ def expect_paged_cache(k_cache, v_cache) -> None:
 @triton.jit
 def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                  stride_vh, kv_head, tokens, token_ok, dims, dim_ok, BLOCK_SIZE: tl.constexpr):
-    """K and V of one sequence's cached `tokens` for one kv head, [tokens, dims] in float32, 0 where masked.
+    """K and V of one sequence's cached `tokens` for one kv head, [tokens, dims] in the cache dtype, 0 where masked.
 
     `block_table_ptr` points at the sequence's row of the block table; token t sits in slot
     t % BLOCK_SIZE of block block_table[t // BLOCK_SIZE]."""
@@ -82,9 +82,9 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, stride_kb, stride_kt
     offsets = tokens % BLOCK_SIZE
     kv_mask = token_ok[:, None] & dim_ok[None, :]
     k = tl.load(k_cache_ptr + blocks[:, None].to(tl.int64) * stride_kb + offsets[:, None] * stride_kt
-                + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+                + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + blocks[:, None].to(tl.int64) * stride_vb + offsets[:, None] * stride_vt
-                + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+                + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
     return k, v
 
 

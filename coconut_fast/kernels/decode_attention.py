@@ -11,6 +11,9 @@ from ._common import (expect, expect_out, expect_queries_and_cache, expect_same_
                       gather_context, load_kv_tile, require_triton, tl, triton)
 
 LOG2E = 1.4426950408889634
+# DOT_NOTE: the tl.dot operands stay in the input dtype. fp16/bf16 q and k go to the tensor cores as they are
+# (exact products, float32 sums) and the scale multiplies the float32 scores; p is rounded to the input dtype for
+# the p @ v product, as flash-attention does. float32 inputs use "ieee" (tf32 would round q, k, p to 10 bits).
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale: float,
@@ -40,7 +43,7 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr,  # partials: contiguous [B, Hq, NUM_SPLITS, HEAD_DIM] outputs, [B, Hq, NUM_SPLITS] lse
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -57,8 +60,7 @@ def _decode_kernel(
     end = tl.minimum(context_len, start + per_split)
 
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # unscaled, in its dtype: see DOT_NOTE
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -70,13 +72,13 @@ def _decode_kernel(
                             stride_kh, stride_vb, stride_vt, stride_vh, kv_head, tokens, token_ok, dims, dim_ok,
                             BLOCK_SIZE)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_H, BLOCK_N], float32
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: every tile holds at least one token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
 
     result = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty context or split gives zeros, never NaN
@@ -177,7 +179,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         out.stride(0), out.stride(1),
         NUM_HEADS=Hq, GROUP=group, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=64,
         NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 holds fp16/bf16 values exactly
     )
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](

@@ -33,7 +33,7 @@ def latent_feedback_reference(x, residual, weight, bias, eps: float, rms: bool, 
 def _latent_feedback_kernel(
     x_ptr, residual_ptr, weight_ptr, bias_ptr, thought_ptr, next_ptr,
     positions_ptr, context_lens_ptr, slot_mapping_ptr, block_tables_ptr, eps,
-    stride_x, stride_r, stride_t, stride_e, stride_bt,
+    stride_x, stride_r, stride_t, stride_e, stride_bt, max_blocks,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -51,7 +51,8 @@ def _latent_feedback_kernel(
         position = tl.load(positions_ptr + row) + 1
         tl.store(positions_ptr + row, position)
         tl.store(context_lens_ptr + row, tl.load(context_lens_ptr + row) + 1)
-        block = tl.load(block_tables_ptr + row * stride_bt + position // BLOCK_SIZE).to(tl.int64)
+        column = tl.minimum(position // BLOCK_SIZE, max_blocks - 1)  # at max_positions: clamp, as the reference
+        block = tl.load(block_tables_ptr + row * stride_bt + column).to(tl.int64)
         tl.store(slot_mapping_ptr + row, block * BLOCK_SIZE + position % BLOCK_SIZE)
 
 
@@ -76,8 +77,8 @@ def check_feedback_args(x, residual, weight, bias, eps, thought_out, next_embeds
         expect_tensor(t, name, 1, (dtype,))
         expect(t.shape[0] == B and t.is_contiguous(), name, f"a contiguous [{B}] vector (rows of x)", tuple(t.shape))
     expect_tensor(block_tables, "block_tables", 2, (torch.int32,))
-    expect(block_tables.shape[0] == B and block_tables.stride(-1) == 1, "block_tables",
-           f"[{B}, max_blocks] with a contiguous last dimension", tuple(block_tables.shape))
+    expect(block_tables.shape[0] == B and block_tables.shape[1] >= 1 and block_tables.stride(-1) == 1,
+           "block_tables", f"[{B}, max_blocks >= 1] with a contiguous last dimension", tuple(block_tables.shape))
     expect(isinstance(block_size, int) and block_size >= 1, "block_size", "an int >= 1", block_size)
     given = dict(residual=residual, weight=weight, thought_out=thought_out, next_embeds=next_embeds,
                  positions=positions, context_lens=context_lens, slot_mapping=slot_mapping, block_tables=block_tables)
@@ -97,5 +98,6 @@ def latent_feedback(x, residual, weight, bias, eps: float, rms: bool, thought_ou
         x, residual, weight, weight if bias is None else bias, thought_out, next_embeds,
         positions, context_lens, slot_mapping, block_tables, float(eps),
         x.stride(0), residual.stride(0), thought_out.stride(0), next_embeds.stride(0), block_tables.stride(0),
+        block_tables.shape[1],
         HIDDEN=H, BLOCK=triton.next_power_of_2(H), BLOCK_SIZE=block_size, HAS_BIAS=bias is not None, RMS=bool(rms),
     )

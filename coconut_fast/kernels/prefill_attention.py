@@ -18,6 +18,8 @@ except ImportError:  # flash-attn is optional
     flash_attn_varlen_func = None
 
 LOG2E = 1.4426950408889634
+# DOT_NOTE (as in decode_attention): tl.dot operands in the input dtype, float32 sums, the scale on the float32
+# scores, p rounded to the input dtype for p @ v; float32 inputs use "ieee", never tf32.
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2 reads a paged cache only with blocks of a multiple of 256 tokens
 
 
@@ -50,7 +52,6 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     # A program takes BLOCK_Q query tokens times the GROUP query heads of one kv head (BLOCK_M rows), so each
     # K/V tile is loaded once per group. Query tiles are numbered over the whole batch: sequence b owns tiles
@@ -81,7 +82,7 @@ def _prefill_kernel(
         row_mask = row_ok[:, None] & dim_ok[None, :]
 
         q_offsets = (q_start + tokens)[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
-        q = tl.load(q_ptr + q_offsets, mask=row_mask, other=0.0).to(tl.float32) * qk_scale
+        q = tl.load(q_ptr + q_offsets, mask=row_mask, other=0.0)  # unscaled, in its dtype: see DOT_NOTE
 
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
@@ -94,7 +95,7 @@ def _prefill_kernel(
                                 stride_kh, stride_vb, stride_vt, stride_vh, kv_head, keys, key_ok, dims, dim_ok,
                                 BLOCK_SIZE)
 
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N], float32
             visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -102,7 +103,7 @@ def _prefill_kernel(
             alpha = tl.exp2(m - m_safe)
             p = tl.exp2(scores - m_safe[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m = m_new
 
         result = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -164,6 +165,5 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 holds fp16/bf16 values exactly
     )
     return out
