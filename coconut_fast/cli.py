@@ -11,6 +11,8 @@ import sys
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {}
 MODULE_COMMANDS["train"] = ("coconut_fast.training.command", "train (or evaluate) Coconut from a YAML config")
 MODULE_COMMANDS["analyze"] = ("coconut_fast.analysis.command", "what the continuous thoughts hold: logit lens, ProsQA frontiers")
+MODULE_COMMANDS["profile-step"] = ("coconut_fast.profiling.command",
+                                   "launches, bytes against the floor and host time of one engine step")
 
 
 def _demo(args) -> int:
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])  # the subcommand's own arguments
     return args.func(args)
 
 
