@@ -2,7 +2,6 @@
 for the bindings), setup.py skips the build cleanly on a CPU torch and targets sm_80 / sm_90 (+ sm_90 PTX) or the
 user's list, and the engine names the missing extension. The kernels themselves are tested beside their Triton
 twins."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +16,9 @@ from coconut_fast.engine.layers import select_kernels
 from coconut_fast.kernels import cuda_kernels_available, paged_decode_attention_cuda, write_kv_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compiled_kernels  # noqa: E402  (nvcc and setup.py helpers shared with test_kernels_compiled.py)
+
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
 NVCC = shutil.which("nvcc")
@@ -36,13 +38,6 @@ def find_cuda_home() -> Path | None:
 CUDA_HOME = find_cuda_home()
 
 
-def load_setup_module():
-    spec = importlib.util.spec_from_file_location("coconut_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # setup() runs only as __main__
-    return module
-
-
 def test_the_extension_has_its_kernels():
     assert {p.name for p in KERNEL_SOURCES} == {"paged_decode_attention.cu", "kv_write.cu", "latent_feedback.cu"}
     assert (CSRC / "bindings.cpp").exists() and (CSRC / "coconut_kernels.h").exists()
@@ -50,14 +45,13 @@ def test_the_extension_has_its_kernels():
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", KERNEL_SOURCES, ids=lambda p: p.name)
-def test_kernel_sources_compile_with_nvcc(source, tmp_path):
-    """The .cu files include no torch header, so the local nvcc compiles them for sm_80 and sm_90 without CUDA torch."""
-    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "-Werror", "all-warnings", f"-I{CSRC}", "-c", str(source),
-           "-o", str(tmp_path / "kernel.o"),
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "kernel.o").stat().st_size > 0
+def test_kernel_sources_compile_with_nvcc(source):
+    """The .cu files include no torch header, so the local nvcc compiles them for sm_80 and sm_90 without CUDA torch,
+    with the build's flags and warnings as errors (the same compile, cached, that test_kernels_compiled.py checks for
+    spills)."""
+    result = compiled_kernels.nvcc_compile(source)
+    assert result["returncode"] == 0, result["log"][-3000:]
+    assert result["built"]
 
 
 @pytest.mark.skipif(CXX is None or CUDA_HOME is None, reason="needs a C++ compiler and the CUDA headers")
@@ -92,7 +86,7 @@ def test_setup_targets_sm80_sm90_ptx_or_the_users_list(monkeypatch, arch_list, e
     by default as sm_80 and sm_90 code plus sm_90 PTX, so GPUs newer than sm_90 load it too."""
     from torch.utils import cpp_extension
 
-    setup_module = load_setup_module()
+    setup_module = compiled_kernels.load_setup_module()
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(CUDA_HOME or "/usr/local/cuda"))
     if arch_list is None:
