@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from ..data.curriculum import CurriculumConfig
+from ..data.curriculum import CurriculumConfig, check_smoothing_lambda
 
-# Official mode flags and the curriculum mode each selects.
+# Mode flags (the official ones, then icot) and the curriculum mode each selects.
 MODE_FLAGS = {"coconut": "coconut", "cot": "cot", "no_thoughts": "no_thoughts", "no_cot": "no_cot",
-              "special_token": "pause_as_thought"}
+              "special_token": "pause_as_thought", "icot": "icot"}
 PARALLEL = ("ddp", "fsdp2")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 LATENT_MODES = ("sequential", "parallel")
@@ -63,6 +63,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     # -- our keys
     reset_optimizer_at_stage_change: bool = False  # with reset_optimizer: rebuild only when the stage changes
+    icot: bool = False  # stepwise internalisation of the chain of thought (iCoT baseline)
+    icot_tokens_per_removal: int = 8  # chain-of-thought tokens removed from its start at each removal step
+    icot_epochs_per_removal: int = 1  # epochs between removal steps
+    icot_removal_smoothing_lambda: float | None = 4.0  # P(o extra tokens) ∝ exp(-λ o); None / 0: off
+    icot_reset_optimizer: bool = True  # a new AdamW at each removal step that still shortens a chain
     tokenizer: str | None = None  # tokenizer directory; default: the model's (local BPE for tiny:*)
     tiny_size: dict = field(default_factory=dict)  # hidden / layers / heads / context of a tiny:* model
     parallel: str = "ddp"  # "ddp" or "fsdp2" under torchrun
@@ -130,7 +135,9 @@ class TrainConfig:
         return CurriculumConfig(
             mode=self.mode, c_thought=self.c_thought, epochs_per_stage=self.epochs_per_stage,
             max_latent_stage=self.max_latent_stage, pad_latent_to_max=self.pad_latent_to_max,
-            uniform_prob=self.uniform_prob,
+            uniform_prob=self.uniform_prob, icot_tokens_per_removal=self.icot_tokens_per_removal,
+            icot_epochs_per_removal=self.icot_epochs_per_removal,
+            icot_removal_smoothing_lambda=self.icot_removal_smoothing_lambda,
         )
 
     @property
@@ -154,22 +161,22 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value == "None" and f.name in ("load_model_path", "local_path", "tokenizer", "train_path", "val_path",
-                                              "log_dir", "max_new_tokens"):
+                                              "log_dir", "max_new_tokens", "icot_removal_smoothing_lambda"):
                 setattr(self, f.name, None)
-            elif f.type == "float" and isinstance(value, str):
+            elif f.type in ("float", "float | None") and isinstance(value, str):
                 try:
                     setattr(self, f.name, float(value))
                 except ValueError:
                     raise ValueError(f"{f.name} must be a number, got {value!r}") from None
-            elif f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            elif f.type in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
 
     def _validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             expected = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list}.get(f.type)
-            if f.type in ("str | None", "int | None", "bool | None"):
-                expected = {"str | None": str, "int | None": int, "bool | None": bool}[f.type]
+            if f.type in ("str | None", "int | None", "bool | None", "float | None"):
+                expected = {"str | None": str, "int | None": int, "bool | None": bool, "float | None": float}[f.type]
                 if value is not None and (not isinstance(value, expected)
                                           or (expected is not bool and isinstance(value, bool))):
                     raise ValueError(f"{f.name} must be {f.type.split(' ')[0]} or None, got {value!r}")
@@ -191,7 +198,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("epochs_per_stage", "batch_size_training", "gradient_accumulation_steps", "num_epochs",
-                     "eval_batch_size", "eval_every_epochs", "log_every_steps"):
+                     "eval_batch_size", "eval_every_epochs", "log_every_steps", "icot_tokens_per_removal",
+                     "icot_epochs_per_removal"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.only_eval and self.resume >= self.num_epochs:
@@ -201,6 +209,9 @@ class TrainConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.uniform_prob <= 1.0:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
+        check_smoothing_lambda(self.icot_removal_smoothing_lambda)
+        if self.icot and self.uniform_prob > 0:
+            raise ValueError("uniform_prob draws a Coconut stage; icot: True has none (set uniform_prob: 0)")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.parallel not in PARALLEL:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..data.collator import CoconutCollator
-from ..data.curriculum import build_training_set, stage_for_epoch
+from ..data.curriculum import build_training_set, icot_scheduled_removal, stage_for_epoch
 from ..data.records import check_tokenization, load_records, tokenize_record
 from ..model import OFFICIAL_PREFIX, CoconutModel
 from . import checkpoint as ckpt
@@ -276,12 +276,24 @@ class Trainer:
         self.optimizer_builds += 1
 
     def _maybe_reset_optimizer(self, stage: int) -> None:
-        """Official: with reset_optimizer a new AdamW every epoch; the variant only when the stage changes."""
+        """Official: with reset_optimizer a new AdamW every epoch; the variant only when the stage changes;
+        icot: also at each removal step (icot_reset_optimizer)."""
         c = self.config
         if self.optimizer is None:
             self._new_optimizer(stage)
         elif c.reset_optimizer and (not c.reset_optimizer_at_stage_change or stage != self.optimizer_stage):
             self._new_optimizer(stage)
+        elif self._icot_removal_step(stage):
+            self._new_optimizer(stage)
+
+    def _icot_removal_step(self, stage: int) -> bool:
+        """Whether an icot removal step begins that removes more: as in the iCoT code, no reset once the
+        previous step's scheduled removal already covered every training chain."""
+        c = self.config
+        if c.mode != "icot" or not c.icot_reset_optimizer or stage in (0, self.optimizer_stage):
+            return False
+        longest_chain = max((sum(len(step) for step in r.steps) for r in self.train_tok), default=0)
+        return icot_scheduled_removal(self.curriculum, stage - 1) < longest_chain
 
     def _autocast(self):
         if self.config.bf16_autocast:
@@ -323,6 +335,8 @@ class Trainer:
         for epoch in range(self.start_epoch, c.num_epochs):
             stage = stage_for_epoch(self.curriculum, epoch)
             row = {"epoch": epoch + 1, "stage": stage}
+            if c.mode == "icot":
+                row["icot_removed_tokens"] = icot_scheduled_removal(self.curriculum, stage)  # before smoothing
             if not c.only_eval:
                 stopped = self._train_epoch(epoch, stage, row, results)
                 if stopped:
