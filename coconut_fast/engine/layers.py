@@ -63,15 +63,16 @@ class PagedAttention:
         self.scale = scale
 
     def __call__(self, q, k_cache, v_cache, meta: StepMetadata) -> torch.Tensor:
+        """q [T, Hq, D] (a strided view is fine) -> out [T, Hq, D], each kind of row written in place."""
         nd = meta.num_decode
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
-            out[:nd] = self.kernels.paged_decode_attention(
-                q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.scale)
+            self.kernels.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                                meta.context_lens[:nd], self.scale, out=out[:nd])
         if nd < q.shape[0]:
-            out[nd:] = self.kernels.paged_prefill_attention(
-                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens,
-                meta.context_lens[nd:], self.scale)
+            self.kernels.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:],
+                                                 meta.prefill_cu_seqlens, meta.context_lens[nd:], self.scale,
+                                                 out=out[nd:])
         return out
 
 

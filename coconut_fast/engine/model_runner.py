@@ -10,6 +10,7 @@ A step holds three kinds of work side by side, one per request:
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -72,20 +73,32 @@ class ModelRunner:
             context_lens.append(end)
             tables.append(seq.block_table)
         width = max(len(t) for t in tables)
-        dev = self.device
+        n, B = len(token_ids), len(chunks)
+        # two uploads for the whole step: the int64 rows and the int32 tables
+        longs = self.upload(token_ids + positions + slots + thought_rows, torch.int64)
+        ints = self.upload([b for t in tables for b in t + [scratch] * (width - len(t))] + context_lens + cu_seqlens,
+                           torch.int32)
         meta = StepMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [scratch] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                      device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            num_decode=len(chunks) - (len(cu_seqlens) - 1),
-            prefill_cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
+            positions=longs[n : 2 * n],
+            slot_mapping=longs[2 * n : 3 * n],
+            block_tables=ints[: B * width].view(B, width),
+            context_lens=ints[B * width : B * width + B],
+            num_decode=B - (len(cu_seqlens) - 1),
+            prefill_cu_seqlens=ints[B * width + B :],
         )
-        embeds = self.embed(torch.tensor(token_ids, dtype=torch.int64, device=dev))
+        if len(thoughts) == n:  # every input is a thought (a latent step): no token to look up
+            return torch.stack(thoughts).to(self.dtype), meta
+        embeds = self.embed(longs[:n])
         if thoughts:
-            embeds[torch.tensor(thought_rows, device=dev)] = torch.stack(thoughts).to(embeds.dtype)
+            embeds[longs[3 * n :]] = torch.stack(thoughts).to(embeds.dtype)
         return embeds, meta
+
+    def upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Host integers on the device: through pinned memory and a non-blocking copy where there is a GPU."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------ step
     @torch.no_grad()
@@ -97,22 +110,31 @@ class ModelRunner:
         order = sorted(range(len(chunks)), key=lambda i: chunks[i][1] - chunks[i][0].num_computed > 1)
         ordered = [chunks[i] for i in order]
         embeds, meta = self.prepare(ordered)
-        if self.graphs is not None and meta.num_decode == len(ordered) and self.graphs.fits(*meta.block_tables.shape):
-            hidden = self.graphs.decode(embeds, meta)
-        else:
-            hidden = self.forward(embeds, meta, self.cache)
-        counts = torch.tensor([end - seq.num_computed for seq, end in ordered], device=self.device)
-        last = hidden[counts.cumsum(0) - 1]
+        static = (self.graphs is not None and meta.num_decode == len(ordered)
+                  and self.graphs.fits(*meta.block_tables.shape))  # the graph's buffer: reused by the next step
+        hidden = self.graphs.decode(embeds, meta) if static else self.forward(embeds, meta, self.cache)
+        if meta.num_decode < len(ordered):  # the last row of each request
+            ends = list(itertools.accumulate(end - seq.num_computed for seq, end in ordered))
+            hidden, static = hidden[self.upload([e - 1 for e in ends], torch.int64)], False
         output = StepOutput([None] * len(chunks), [None] * len(chunks))
-        wants = []
+        latent, wants = [], []
         for row, (i, (seq, end)) in enumerate(zip(order, ordered)):
             if not seq.wants_token(end):
-                output.thoughts[i] = last[row : row + 1].clone()
+                latent.append((row, i))
             elif seq.sampling.max_new_tokens > len(seq.output_token_ids):
                 wants.append((row, i, seq))
+        if latent:  # one gather (or one copy out of a graph's buffer) for all new thoughts; each a view of it
+            rows = [row for row, _ in latent]
+            if len(rows) < len(ordered):
+                thoughts = hidden[self.upload(rows, torch.int64)]
+            else:
+                thoughts = hidden.clone() if static else hidden
+            for j, (_, i) in enumerate(latent):
+                output.thoughts[i] = thoughts[j : j + 1]
         if wants:
-            logits = self.lm_head(last[[row for row, _, _ in wants]]).float()
-            for (_, i, _), token in zip(wants, self.sample(logits, [seq for _, _, seq in wants])):
+            rows = [row for row, _, _ in wants]
+            logits = self.lm_head(hidden if len(rows) == len(ordered) else hidden[self.upload(rows, torch.int64)])
+            for (_, i, _), token in zip(wants, self.sample(logits.float(), [seq for _, _, seq in wants])):
                 output.tokens[i] = token
         return output
 

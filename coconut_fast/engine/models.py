@@ -2,16 +2,19 @@
 
 Each forward takes the step's flattened input embeddings [T, H] and returns the final-norm
 hidden states [T, H] (HF's `hidden_states[-1]`), writing the step's K/V into the paged cache.
-The projections and MLPs are the HF modules themselves; norms, RoPE, the cache write and
-attention are the engine's kernels.
+A layer is a handful of GEMMs on the HF weights (q/k/v and gate/up fused into one matrix each, see
+`fused_weights.py`) between the engine's kernels: norms with the residual add, RoPE with the cache
+write, attention. Q, K and V stay strided views of the one projection output.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from ..families import FAMILIES, LLAMA_FAMILY
+from .fused_weights import fuse_linears
 from .kv_cache import PagedKVCache
 from .layers import PagedAttention, StepMetadata, rope_table
 
@@ -41,6 +44,11 @@ class LlamaForward:
         self.qk_norm = hasattr(first, "q_norm")
         self.attention = PagedAttention(kernels, first.scaling)
         self.cos, self.sin = rope_table(base.rotary_emb, max_positions, causal_lm.device)
+        self.num_heads = config.num_attention_heads
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fuse_linears(attn, "qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
+            fuse_linears(mlp, "gate_up_proj", [mlp.gate_proj, mlp.up_proj])
 
     def head_norm(self, x: torch.Tensor, norm) -> torch.Tensor:
         T, heads, D = x.shape
@@ -59,21 +67,20 @@ class LlamaForward:
     def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
         """All layers; returns the last layer's output and residual, before the final norm."""
         ops = self.kernels
-        T, D = embeds.shape[0], self.head_dim
+        T, D, Hq, Hkv = embeds.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
         hidden, residual = embeds, None
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             x, residual = ops.add_rms_norm(hidden, residual, layer.input_layernorm.weight, self.eps)
-            q = attn.q_proj(x).view(T, -1, D)
-            k = attn.k_proj(x).view(T, -1, D)
-            v = attn.v_proj(x).view(T, -1, D)
+            q, k, v = F.linear(x, *attn.qkv_proj).view(T, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=1)
             if self.qk_norm:
                 q, k = self.head_norm(q, attn.q_norm), self.head_norm(k, attn.k_norm)
             q = ops.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions, self.cos, self.sin)
             out = self.attention(q, cache.k[i], cache.v[i], meta)
             hidden = attn.o_proj(out.view(T, -1))
             x, residual = ops.add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)
-            hidden = layer.mlp(x)
+            gate, up = F.linear(x, *mlp.gate_up_proj).chunk(2, dim=-1)
+            hidden = mlp.down_proj(mlp.act_fn(gate) * up)
         return hidden, residual
 
 
@@ -89,6 +96,7 @@ class GPT2Forward:
         self.hidden = config.n_embd
         self.head_dim = self.layers[0].attn.head_dim
         self.num_kv_heads = config.n_head
+        self.tanh_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         # the scale may differ per layer (scale_attn_by_inverse_layer_idx)
         self.attention = [PagedAttention(kernels, layer.attn.scaling) for layer in self.layers]
 
@@ -106,16 +114,22 @@ class GPT2Forward:
         """All layers; returns the last layer's output and residual, before ln_f."""
         ops = self.kernels
         T, H, D = embeds.shape[0], self.hidden, self.head_dim
-        hidden, residual = embeds + self.wpe(meta.positions), None
+        hidden, residual = embeds, self.wpe(meta.positions)  # the first norm adds the position embeddings
         for i, layer in enumerate(self.layers):
             x, residual = ops.add_layer_norm(hidden, residual, layer.ln_1.weight, layer.ln_1.bias, self.eps)
-            q, k, v = (t.reshape(T, -1, D).contiguous() for t in layer.attn.c_attn(x).split(H, dim=-1))
+            q, k, v = layer.attn.c_attn(x).view(T, 3, -1, D).unbind(1)
             ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
             out = self.attention[i](q, cache.k[i], cache.v[i], meta)
             hidden = layer.attn.c_proj(out.view(T, H))
             x, residual = ops.add_layer_norm(hidden, residual, layer.ln_2.weight, layer.ln_2.bias, self.eps)
-            hidden = layer.mlp(x)
+            hidden = layer.mlp.c_proj(self.mlp_act(layer.mlp, x))
         return hidden, residual
+
+    def mlp_act(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        """act(c_fc(x)); HF's gelu_new as one tanh-GELU op instead of its eight element-wise ones."""
+        if self.tanh_gelu:
+            return F.gelu(mlp.c_fc(x), approximate="tanh")
+        return mlp.act(mlp.c_fc(x))
 
 
 def build_forward(causal_lm, kernels: SimpleNamespace, max_positions: int):
