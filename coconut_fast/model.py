@@ -23,6 +23,7 @@ from .parallel_latent import run_jacobi
 from .passes import (Backbone, hf_checkpointing_off, latent_layout, layers_to_checkpoint, run_passes,
                      shift_columns, unshift_columns)
 from .prompts import default_position_ids
+from .switch_head import SwitchHead, check_kind, coconut_config_head, switch_loss
 from .tokens import LATENT_TOKENS, latent_ids
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class CoconutOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     inputs_embeds: torch.Tensor | None = None
+    switch_loss: torch.Tensor | None = None  # the switch head's BCE (mean over its labelled positions)
 
 
 LATENT_MODES = ("sequential", "parallel")
@@ -63,6 +65,7 @@ class CoconutModel(nn.Module):
         if family not in SUPPORTED_FAMILIES:
             logger.warning("model family %r is not among the tested families %s", family, SUPPORTED_FAMILIES)
         self.backbone = Backbone(model)
+        self.switch_head: SwitchHead | None = None  # the learned switch to language (add_switch_head)
         self.paged_engine = None  # (engine, its options), built by generate(backend="paged"); not in state_dict
 
     # ---------------------------------------------------------------- loading and saving
@@ -101,6 +104,10 @@ class CoconutModel(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         coconut = cls(model, tokenizer)
+        if isinstance(path_or_model, (str, os.PathLike)):
+            head = coconut_config_head(path_or_model, COCONUT_CONFIG)
+            if head is not None:
+                coconut.switch_head = SwitchHead.load(path_or_model, head).to(model.device, model.dtype)
         if official_checkpoint is not None:
             coconut.load_official_checkpoint(official_checkpoint)
         return coconut
@@ -113,11 +120,21 @@ class CoconutModel(nn.Module):
         try:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            config = {"latent_tokens": list(LATENT_TOKENS), **self.latent_ids.__dict__}
+            if self.switch_head is not None:
+                self.switch_head.save(tmp)
+                config["switch_head"] = self.switch_head.config
             with open(tmp / COCONUT_CONFIG, "w") as f:
-                json.dump({"latent_tokens": list(LATENT_TOKENS), **self.latent_ids.__dict__}, f, indent=2)
+                json.dump(config, f, indent=2)
             publish_directory(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def add_switch_head(self, kind: str = "linear") -> SwitchHead:
+        """A new switch head (`"linear"` or `"mlp"`) on the model's device and dtype; replaces any earlier one."""
+        weight = self.model.get_input_embeddings().weight
+        self.switch_head = SwitchHead(weight.shape[1], check_kind(kind)).to(weight.device, weight.dtype)
+        return self.switch_head
 
     def load_official_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a `torch.save`d state dict of the official Coconut wrapper (`base_causallm.*`, `embedding.weight`)."""
@@ -176,6 +193,7 @@ class CoconutModel(nn.Module):
         latent_mode: str = "sequential",
         jacobi_iterations: int | None = None,
         gradient_checkpointing: bool | None = None,
+        switch_loss_weight: float | None = None,
     ) -> CoconutOutput:
         """Loss and logits of Coconut sequences, the KV cache reused across the latent passes.
 
@@ -186,6 +204,11 @@ class CoconutModel(nn.Module):
         least the number of latent columns). gradient_checkpointing=True recomputes every
         decoder layer in backward; None checkpoints the layers the HF model's
         `activation_checkpointing_enable()` marked, in training mode (always non-reentrant, cache-safe).
+
+        With a switch head (`add_switch_head`) and `<bot>` tokens in the batch, `switch_loss` is the head's
+        mean BCE over the `<bot>` and latent positions whose next input is a latent (0) or `<eot>` (1).
+        `loss` stays the LM loss unless `switch_loss_weight` is given: then it is LM loss +
+        switch_loss_weight * switch_loss.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length > 0, got shape {tuple(input_ids.shape)}")
@@ -204,11 +227,20 @@ class CoconutModel(nn.Module):
             )
         if latent_mode == "sequential" and jacobi_iterations is not None:
             raise ValueError("jacobi_iterations applies to latent_mode='parallel' only")
+        if switch_loss_weight is not None:
+            if isinstance(switch_loss_weight, bool) or not isinstance(switch_loss_weight, (int, float)) \
+                    or switch_loss_weight < 0:
+                raise ValueError(f"switch_loss_weight must be a number >= 0 or None, got {switch_loss_weight!r}")
+            if labels is None:
+                raise ValueError("switch_loss_weight adds the switch loss to the LM loss, so it needs labels")
+            if self.switch_head is None:
+                raise ValueError("switch_loss_weight needs a switch head: call add_switch_head() first")
         checkpoint_layers = layers_to_checkpoint(self.model, gradient_checkpointing, self.training)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
+        input_ids_in, mask_in = input_ids, attention_mask  # before the shift: the switch labels read these
         latent = input_ids == self.latent_ids.latent
         layout = latent_layout(latent, attention_mask)  # the forward's one host sync before the loss
         T = input_ids.shape[1]
@@ -229,11 +261,17 @@ class CoconutModel(nn.Module):
         if width != T:
             hidden, embeds = unshift_columns(hidden, shift, T), unshift_columns(embeds, shift, T)
         lm_head = self.model.get_output_embeddings()
+        switch = None
+        if self.switch_head is not None:  # None when the batch has no <bot> (nothing labelled)
+            switch = switch_loss(self.switch_head, hidden, input_ids_in, mask_in, self.latent_ids)
         if not return_logits:
-            return CoconutOutput(loss=causal_lm_linear_loss(hidden, lm_head, labels), inputs_embeds=embeds)
-        logits = lm_head(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=embeds)
+            loss, logits = causal_lm_linear_loss(hidden, lm_head, labels), None
+        else:
+            logits = lm_head(hidden)
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if switch_loss_weight is not None and switch is not None:
+            loss = loss + switch_loss_weight * switch
+        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=embeds, switch_loss=switch)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
