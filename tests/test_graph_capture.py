@@ -19,9 +19,10 @@ class FakeCuda:
 
     def install(self, monkeypatch):
         fake = self
-        for name, value in dict(current_stream=lambda device=None: fake.current, Stream=lambda device=None: FakeStream("side"),
-                                stream=fake.stream, graph=fake.graph, CUDAGraph=FakeGraph,
-                                set_stream=fake.set_stream, synchronize=lambda device=None: None).items():
+        calls = dict(current_stream=lambda device=None: fake.current, Stream=lambda device=None: FakeStream("side"),
+                     stream=fake.stream, graph=fake.graph, CUDAGraph=FakeGraph, set_stream=fake.set_stream,
+                     synchronize=lambda device=None: None)
+        for name, value in calls.items():
             monkeypatch.setattr(torch.cuda, name, value)
 
     def set_stream(self, stream):
