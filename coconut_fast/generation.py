@@ -43,6 +43,7 @@ class Prepared:
     eos: list[int]
     pad: int
     sampling: dict  # do_sample, temperature, top_k, top_p
+    auto: tuple[int, float] | None = None  # (max_thoughts, switch_threshold) of num_thoughts="auto"
 
     @property
     def width(self) -> int:
@@ -78,7 +79,7 @@ def generate(
     coconut,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    num_thoughts: int | list[int] | None = None,
+    num_thoughts: int | list[int] | str | None = None,
     max_new_tokens: int = 128,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
@@ -89,11 +90,16 @@ def generate(
     return_dict_in_generate: bool = False,
     output_thoughts: bool = False,
     backend: str = "torch",
+    max_thoughts: int | None = None,
+    switch_threshold: float = 0.5,
 ):
     """Generate from left-padded prompts.
 
     Prompts either carry their `<bot><latent>…<eot>` blocks (the official format) or get
     `num_thoughts` latents appended (an int, or one per prompt). Each sample stops at its EOS.
+    `num_thoughts="auto"` (needs the model's switch head, `add_switch_head`): each prompt gets `<bot>` and
+    thinks until its head gives p(switch) >= `switch_threshold` on its latest thought, or `max_thoughts`
+    thoughts; then `<eot>` and the answer (`num_thoughts` of the dict output holds each prompt's count).
     Returns the `sequences` tensor, or a `CoconutGenerateOutput` when `return_dict_in_generate`
     or `output_thoughts` is set.
 
@@ -103,11 +109,22 @@ def generate(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    batch = prepare(coconut, input_ids, attention_mask, num_thoughts, max_new_tokens, eos_token_id, pad_token_id,
-                    do_sample, temperature, top_k, top_p)
-    prompt_ids, _ = left_pad(batch.prompts, batch.pad, coconut.device)
-    run = generate_paged if backend == "paged" else generate_torch
+    auto = num_thoughts == "auto"
+    if auto:
+        check_auto(coconut, max_thoughts, switch_threshold)
+    elif max_thoughts is not None:
+        raise ValueError("max_thoughts applies to num_thoughts='auto' only")
+    batch = prepare(coconut, input_ids, attention_mask, 0 if auto else num_thoughts, max_new_tokens, eos_token_id,
+                    pad_token_id, do_sample, temperature, top_k, top_p)
+    if auto:
+        batch.prompts = [p[:-1] for p in batch.prompts]  # the question and <bot>: the head decides what follows
+        batch.auto = (max_thoughts, float(switch_threshold))
+        check_context(coconut, batch.width + max_thoughts + 1, max_new_tokens)
+        run = generate_paged if backend == "paged" else generate_torch_auto
+    else:
+        run = generate_paged if backend == "paged" else generate_torch
     new_tokens, thoughts = run(coconut, batch)
+    prompt_ids, _ = left_pad(batch.prompts, batch.pad, coconut.device)
     sequences = torch.cat([prompt_ids, new_tokens], dim=1)
     if not (return_dict_in_generate or output_thoughts):
         return sequences
@@ -119,6 +136,24 @@ def generate(
             padded[b, : batch.counts[b]] = t
         out.thoughts = padded
     return out
+
+
+def check_auto(coconut, max_thoughts, switch_threshold) -> None:
+    if getattr(coconut, "switch_head", None) is None:
+        raise ValueError("num_thoughts='auto' needs a switch head: call add_switch_head() and train it, or load a "
+                         "model saved with one")
+    if isinstance(max_thoughts, bool) or not isinstance(max_thoughts, int) or max_thoughts < 0:
+        raise ValueError(f"num_thoughts='auto' needs max_thoughts, an integer >= 0, got {max_thoughts!r}")
+    if isinstance(switch_threshold, bool) or not isinstance(switch_threshold, (int, float)):
+        raise ValueError(f"switch_threshold must be a number (p(switch) >= it ends the thoughts), "
+                         f"got {switch_threshold!r}")
+
+
+def check_context(coconut, width: int, max_new_tokens: int) -> None:
+    limit = getattr(coconut.model.config, "max_position_embeddings", None)
+    if limit is not None and width + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt with up to max_thoughts thoughts and <eot> has {width} tokens; with "
+                         f"max_new_tokens={max_new_tokens} that exceeds the model's context of {limit} positions")
 
 
 # ---------------------------------------------------------------- the torch backend
@@ -196,3 +231,75 @@ def generate_paged(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.T
     for b, o in enumerate(outputs):
         tokens[b, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
     return tokens, [o.thoughts for o in outputs]
+
+
+def generate_torch_auto(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`generate_torch` with learned thought counts; fills `batch.prompts` / `batch.counts` with the blocks chosen.
+
+    One cache, one column per step for every row: a row that is thinking takes its last hidden state, a row
+    whose head just said switch takes `<eot>`, a row past `<eot>` takes its last token. Each row's columns
+    stay contiguous, so rows that switch at different steps never leave gaps in their positions."""
+    model, device, head = coconut.model, coconut.device, coconut.switch_head
+    max_thoughts, threshold = batch.auto
+    ids = coconut.latent_ids
+    B = len(batch.prompts)
+    seq, mask = left_pad(batch.prompts, batch.pad, device)
+    positions = default_position_ids(mask)
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    cache = coconut.backbone.new_cache()
+    h = coconut.backbone(embed(seq), mask, positions, cache)[:, -1]  # every row ends at its <bot>
+    s = batch.sampling
+    warpers = logits_warpers(s["temperature"], s["top_k"], s["top_p"]) if s["do_sample"] else None
+    eos = torch.tensor(batch.eos, device=device, dtype=torch.long)
+    eot = embed(torch.tensor([ids.end], device=device))
+
+    thinking = torch.ones(B, dtype=torch.bool, device=device)
+    answering = torch.zeros(B, dtype=torch.bool, device=device)  # the last input was <eot> or a new token
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    counts = torch.zeros(B, dtype=torch.long, device=device)
+    thoughts: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    new_tokens = torch.full((B, batch.max_new_tokens), batch.pad, dtype=torch.long, device=device)
+    num_new = torch.zeros(B, dtype=torch.long, device=device)
+    next_pos = positions[:, -1] + 1
+    while True:
+        token = torch.full((B,), batch.pad, dtype=torch.long, device=device)
+        if answering.any():
+            logits = lm_head(h).float()
+            if warpers is None:
+                picked = logits.argmax(-1)
+            else:
+                for warp in warpers:
+                    logits = warp(None, logits)
+                picked = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+            token = torch.where(answering, picked, token)
+            rows = answering.nonzero().flatten()
+            new_tokens[rows, num_new[rows]] = token[rows]
+            num_new += answering.long()
+            done = answering & (torch.isin(token, eos) | (num_new >= batch.max_new_tokens))
+            unfinished &= ~done
+            answering &= ~done
+        switch = torch.zeros_like(thinking)
+        if thinking.any():
+            p = head.switch_probability(h)
+            switch = thinking & ((p >= threshold) | (counts >= max_thoughts))
+        go_on = thinking & ~switch
+        for b in go_on.nonzero().flatten().tolist():
+            thoughts[b].append(h[b])
+        counts += go_on.long()
+        thinking = go_on
+        if batch.max_new_tokens == 0:  # no answer allowed: a row is done once it switches
+            unfinished &= ~switch
+        else:
+            answering |= switch
+        if not unfinished.any():
+            break
+        inputs = torch.where(go_on[:, None], h.to(eot.dtype), embed(token))
+        inputs = torch.where(switch[:, None], eot, inputs)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        h = coconut.backbone(inputs[:, None], mask, next_pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1
+    batch.counts = counts.tolist()
+    batch.prompts = [p + [ids.latent] * k + [ids.end] for p, k in zip(batch.prompts, batch.counts)]
+    hidden_size = h.shape[-1]
+    stacked = [torch.stack(t) if t else h.new_zeros(0, hidden_size) for t in thoughts]
+    return new_tokens[:, : int(num_new.max()) if B else 0], stacked

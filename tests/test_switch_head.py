@@ -122,3 +122,131 @@ def test_save_and_load_round_trip_the_head_exactly(tmp_path, kind):
     plain = make_coconut("llama")
     plain.save_pretrained(tmp_path / "plain")
     assert CoconutModel.from_pretrained(tmp_path / "plain").switch_head is None
+
+
+# ---------------------------------------------------------------- auto-length generation
+def reference_auto(cm, question, max_thoughts, threshold, max_new_tokens):
+    """One prompt, no cache, the plain HF model: the head reads each pass's last hidden state; then the answer
+    after `<eot>` from `reference_generate`. Returns (prompt with its block, new tokens, thoughts [k, H])."""
+    ids = cm.latent_ids
+    embeds = cm.model.get_input_embeddings()(torch.tensor([list(question) + [ids.start]]))
+    k = 0
+    with torch.no_grad():
+        while True:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+            h = last_hidden_states(cm.model, embeds, mask, default_position_ids(mask))[:, -1:]
+            p = torch.sigmoid(cm.switch_head(h[0, 0]).float())
+            if p >= threshold or k == max_thoughts:
+                break
+            embeds = torch.cat([embeds, h], dim=1)
+            k += 1
+    prompt = list(question) + block(cm, k)
+    tokens, thoughts = reference_generate(cm.model, prompt, ids.latent, EOS, max_new_tokens)
+    return prompt, tokens, thoughts
+
+
+QUESTIONS = [[3, 4, 5], [7], [9, 2, 8, 1, 6], [11, 12]]
+
+
+def thought_trajectory(cm, question, n):
+    """The last hidden states of n reference passes from `<bot>` on, each fed back as the next thought."""
+    embeds = cm.model.get_input_embeddings()(torch.tensor([list(question) + [cm.latent_ids.start]]))
+    states = []
+    with torch.no_grad():
+        for _ in range(n):
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+            h = last_hidden_states(cm.model, embeds, mask, default_position_ids(mask))[:, -1:]
+            states.append(h[0, 0])
+            embeds = torch.cat([embeds, h], dim=1)
+    return torch.stack(states)
+
+
+def auto_model(family, kind="linear", seed=0):
+    """A tiny model with a switch head whose p(switch) grows with every thought and spreads over (0, 1), so
+    thresholds make rows of one batch switch at different steps: the linear head reads the mean direction in
+    which the questions' thoughts drift. The MLP head is random."""
+    cm = engine_model(family, seed=seed).eval()
+    head = cm.add_switch_head(kind)
+    with torch.no_grad():
+        if kind == "mlp":
+            gen = torch.Generator().manual_seed(seed + 11)
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            return cm
+        runs = [thought_trajectory(cm, q, 5) for q in QUESTIONS]
+        drift = torch.stack([(t[-1] - t[0]) / (t[-1] - t[0]).norm() for t in runs]).mean(0)
+        logits = torch.stack([t @ drift for t in runs])
+        scale = 4.0 / float(logits.max() - logits.min())
+        head.net.weight.copy_(scale * drift[None])
+        head.net.bias.fill_(-scale * float(logits.mean()))
+    return cm
+
+
+def check_against_reference(cm, out, questions, max_thoughts, threshold, max_new_tokens):
+    counts = []
+    for b, q in enumerate(questions):
+        prompt, tokens, thoughts = reference_auto(cm, q, max_thoughts, threshold, max_new_tokens)
+        k = len(prompt) - len(q) - 2
+        counts.append(k)
+        assert int(out.num_thoughts[b]) == k, f"prompt {b}: {int(out.num_thoughts[b])} thoughts, reference {k}"
+        row = out.sequences[b].tolist()
+        assert row[out.prompt_length - len(prompt) : out.prompt_length] == prompt
+        new = row[out.prompt_length :]
+        assert new[: len(tokens)] == tokens, f"prompt {b} with {k} thoughts"
+        assert all(t == cm.tokenizer.pad_token_id for t in new[len(tokens) :])
+        got = out.thoughts[b, :k]
+        assert torch.all(out.thoughts[b, k:] == 0)
+        if k:
+            err = (got - thoughts).abs().max() / thoughts.abs().max()
+            assert err <= 1e-5, f"thoughts differ by {err:.2e} (relative)"
+    return counts
+
+
+@pytest.mark.parametrize("family, kind", [("gpt2", "linear"), ("llama", "linear"), ("llama", "mlp")])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.5])
+def test_torch_auto_generation_matches_the_per_prompt_reference(family, kind, threshold):
+    cm = auto_model(family, kind)
+    input_ids, mask = left_pad_questions(cm, QUESTIONS)
+    out = cm.generate(input_ids, mask, num_thoughts="auto", max_thoughts=4, switch_threshold=threshold,
+                      max_new_tokens=6, output_thoughts=True)
+    counts = check_against_reference(cm, out, QUESTIONS, 4, threshold, 6)
+    if threshold == 0.0:
+        assert counts == [0] * len(QUESTIONS)
+    if threshold > 1:
+        assert counts == [4] * len(QUESTIONS)
+        fixed = cm.generate(input_ids, mask, num_thoughts=4, max_new_tokens=6, output_thoughts=True)
+        assert torch.equal(fixed.sequences, out.sequences)
+        assert torch.allclose(fixed.thoughts, out.thoughts, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_thresholds_give_varied_counts_in_one_batch():
+    """The check above only means something if rows of one batch switch at different steps."""
+    for family in ("gpt2", "llama"):
+        cm = auto_model(family)
+        input_ids, mask = left_pad_questions(cm, QUESTIONS)
+        for threshold in (0.3, 0.5, 0.7):
+            out = cm.generate(input_ids, mask, num_thoughts="auto", max_thoughts=4, switch_threshold=threshold,
+                              max_new_tokens=2, return_dict_in_generate=True)
+            assert len(set(out.num_thoughts.tolist())) > 1, (family, threshold, out.num_thoughts.tolist())
+
+
+def left_pad_questions(cm, questions):
+    from coconut_fast.prompts import left_pad
+    return left_pad(questions, cm.tokenizer.pad_token_id)
+
+
+def test_auto_arguments_are_checked():
+    cm = make_coconut("gpt2")
+    ids, mask = left_pad_questions(cm, QUESTIONS)
+    with pytest.raises(ValueError, match="needs a switch head"):
+        cm.generate(ids, mask, num_thoughts="auto", max_thoughts=2)
+    cm.add_switch_head()
+    with pytest.raises(ValueError, match="needs max_thoughts"):
+        cm.generate(ids, mask, num_thoughts="auto")
+    with pytest.raises(ValueError, match="switch_threshold must be a number"):
+        cm.generate(ids, mask, num_thoughts="auto", max_thoughts=2, switch_threshold="high")
+    with pytest.raises(ValueError, match="max_thoughts applies"):
+        cm.generate(ids, mask, num_thoughts=2, max_thoughts=2)
+    with_block = torch.tensor([[3, cm.latent_ids.start, cm.latent_ids.end]])
+    with pytest.raises(ValueError, match="already carries"):
+        cm.generate(with_block, num_thoughts="auto", max_thoughts=2)
