@@ -222,10 +222,14 @@ def generate_paged(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.T
     """New tokens [B, n] (pad after each EOS) and thoughts [k_b, H], from the paged engine."""
     _, user = getattr(coconut, "paged_engine", None) or (None, {})
     block_size = user.get("block_size", DEFAULT_BLOCK_SIZE)
-    need = sum(-(-(len(p) + batch.max_new_tokens) // block_size) for p in batch.prompts)
+    extra = batch.auto[0] + 1 if batch.auto is not None else 0  # the latents and <eot> a learned count may add
+    need = sum(-(-(len(p) + extra + batch.max_new_tokens) // block_size) for p in batch.prompts)
     engine = engine_for(coconut, min_blocks=need)
     sampling = SamplingParams(max_new_tokens=batch.max_new_tokens, eos_token_ids=tuple(batch.eos), **batch.sampling)
-    outputs = engine.generate_checked(batch.prompts, [sampling] * len(batch.prompts))
+    outputs = engine.generate_checked(batch.prompts, [sampling] * len(batch.prompts), auto=batch.auto)
+    if batch.auto is not None:  # the blocks the switch head chose
+        batch.prompts = [o.prompt_token_ids for o in outputs]
+        batch.counts = [o.num_thoughts for o in outputs]
     tokens = torch.full((len(outputs), max(len(o.token_ids) for o in outputs)), batch.pad, dtype=torch.long,
                         device=coconut.device)
     for b, o in enumerate(outputs):

@@ -250,3 +250,79 @@ def test_auto_arguments_are_checked():
     with_block = torch.tensor([[3, cm.latent_ids.start, cm.latent_ids.end]])
     with pytest.raises(ValueError, match="already carries"):
         cm.generate(with_block, num_thoughts="auto", max_thoughts=2)
+
+
+# ---------------------------------------------------------------- the paged engine
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("family, kind", [("gpt2", "linear"), ("llama", "linear"), ("llama", "mlp")])
+def test_paged_auto_generation_matches_the_torch_backend_and_the_reference(family, kind, cuda_graphs):
+    import warnings
+    from coconut_fast.generation import engine_for
+
+    cm = auto_model(family, kind)
+    input_ids, mask = left_pad_questions(cm, QUESTIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CUDA graphs on CPU: the static-buffer steps run eagerly, said once
+        engine_for(cm, num_blocks=64, block_size=4, kernels="torch", cuda_graphs=cuda_graphs)
+        for threshold in (0.0, 0.3, 0.5, 0.7, 1.5):
+            kwargs = dict(num_thoughts="auto", max_thoughts=4, switch_threshold=threshold, max_new_tokens=5,
+                          output_thoughts=True)
+            paged = cm.generate(input_ids, mask, backend="paged", **kwargs)
+            torch_out = cm.generate(input_ids, mask, backend="torch", **kwargs)
+            assert torch.equal(paged.num_thoughts, torch_out.num_thoughts), threshold
+            assert torch.equal(paged.sequences, torch_out.sequences), threshold
+            check_against_reference(cm, paged, QUESTIONS, 4, threshold, 5)
+    engine = cm.paged_engine[0]
+    assert engine.allocator.num_free_blocks == engine.num_blocks
+
+
+def test_engine_requests_leave_the_thought_loop_on_their_own():
+    """LLM.generate with auto counts: per-request counts on the outputs; a request that switches early decodes
+    while another still thinks (the steps mix latent and decode work)."""
+    from coconut_fast.engine import LLM, Phase, SamplingParams
+
+    cm = auto_model("gpt2")
+    llm = LLM(cm, num_blocks=64, block_size=4, kernels="torch")
+    outs = llm.generate(QUESTIONS, SamplingParams(max_new_tokens=5, eos_token_ids=(EOS,)), num_thoughts="auto",
+                        max_thoughts=4, switch_threshold=0.3, use_tqdm=False)
+    counts = [o.num_thoughts for o in outs]
+    assert len(set(counts)) > 1
+    for o, q, k in zip(outs, QUESTIONS, counts):
+        assert o.prompt_token_ids == list(q) + block(cm, k)
+        prompt, tokens, _ = reference_auto(cm, q, 4, 0.3, 5)
+        assert o.token_ids == tokens
+    assert llm.stats.steps_with(Phase.LATENT, Phase.DECODE) > 0
+    with pytest.raises(ValueError, match="max_thoughts applies"):
+        llm.generate(QUESTIONS, num_thoughts=2, max_thoughts=3, use_tqdm=False)
+    plain = make_coconut("gpt2")
+    with pytest.raises(ValueError, match="switch head"):
+        LLM(plain, num_blocks=16, kernels="torch").generate(QUESTIONS, num_thoughts="auto", max_thoughts=2,
+                                                            use_tqdm=False)
+
+
+# ---------------------------------------------------------------- training
+def test_trainer_trains_the_head_logs_its_loss_and_reports_the_learned_switch(tmp_path):
+    import csv
+    import json
+
+    from coconut_fast.training import train
+    from training_setup import run_config, tiny_records
+
+    records = tiny_records(16)
+    config = run_config(tmp_path, switch_head="mlp", switch_loss_weight=2.0, max_latent_stage=2, num_epochs=2,
+                        progress_bars=False)
+    result = train(config, train_records=records[:12], val_records=records[12:])
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["switch_loss"]) > 0 for r in rows if r["stage"] != "0")
+    last = result["epochs"][-1]
+    assert 0 <= last["switch_mean_thoughts"] <= 2 and 0 <= last["switch_accuracy"] <= 1
+    assert last["mean_thoughts"] == 1.0  # the fixed count at evaluation: stage 1 of epoch 2, one thought
+    report = json.loads((tmp_path / "run" / "eval" / "epoch_2.json").read_text())
+    assert len(report["switch_samples"]) == 4
+    saved = sorted((tmp_path / "run").glob("checkpoint_*"))[-1]
+    assert (saved / "switch_head.safetensors").is_file()
+    with pytest.raises(ValueError, match="switch_head must be"):
+        run_config(tmp_path, switch_head="conv")
+    with pytest.raises(ValueError, match="switch_loss_weight must be >= 0"):
+        run_config(tmp_path, switch_head=True, switch_loss_weight=-1.0)

@@ -111,10 +111,18 @@ class LLM:
         self.scheduler.add(seq)
         return seq.seq_id
 
-    def new_sequence(self, prompt: list[int], sampling: SamplingParams | None = None) -> Sequence:
-        """A request of checked token ids, not yet queued: bad lengths or pool sizes are ValueErrors here."""
+    def new_sequence(self, prompt: list[int], sampling: SamplingParams | None = None,
+                     auto: tuple[int, float] | None = None) -> Sequence:
+        """A request of checked token ids, not yet queued: bad lengths or pool sizes are ValueErrors here.
+
+        `auto=(max_thoughts, switch_threshold)`: the prompt ends at `<bot>` and the model's switch head picks the
+        thought count."""
         sampling = sampling or SamplingParams()
-        total = len(prompt) + sampling.max_new_tokens
+        if auto is not None:
+            check_auto(self.coconut, *auto)
+            if prompt[-1:] != [self.coconut.latent_ids.start]:
+                raise ValueError("a request with a learned thought count must end at <bot>")
+        total = len(prompt) + sampling.max_new_tokens + (auto[0] + 1 if auto is not None else 0)
         if total > self.max_positions:
             raise ValueError(
                 f"a prompt of {len(prompt)} tokens with max_new_tokens={sampling.max_new_tokens} exceeds the "
@@ -128,7 +136,8 @@ class LLM:
         if eos is None:
             eos_id = getattr(self.coconut.tokenizer, "eos_token_id", None)
             eos = () if eos_id is None else (eos_id,)
-        seq = Sequence(self.next_request_id, prompt, self.coconut.latent_ids.latent, sampling, tuple(eos))
+        ids = self.coconut.latent_ids
+        seq = Sequence(self.next_request_id, prompt, ids.latent, sampling, tuple(eos), auto, ids.end)
         if sampling.do_sample:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
             seq.generator = torch.Generator(self.device).manual_seed(seed)
@@ -146,6 +155,7 @@ class LLM:
             if self.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule any waiting request")
             return []
+        self.runner.switch_head = getattr(self.coconut, "switch_head", None)
         try:
             output = self.runner.run(step)
         except BaseException:  # an error or an interrupt: the step's prompt blocks were not (all) written
@@ -164,11 +174,22 @@ class LLM:
 
     # ------------------------------------------------------------ offline batch
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 num_thoughts: int | list[int | None] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+                 num_thoughts: int | list[int | None] | str | None = None, use_tqdm: bool = True,
+                 max_thoughts: int | None = None, switch_threshold: float = 0.5) -> list[RequestOutput]:
         """Generate for a list of prompts (text or token ids); results come back in input order.
 
-        `num_thoughts`: None (prompts carry their `<bot> … <eot>` blocks), an int, or one per prompt.
+        `num_thoughts`: None (prompts carry their `<bot> … <eot>` blocks), an int, or one per prompt; or "auto":
+        each prompt gets `<bot>` and thinks until the model's switch head (`coconut.switch_head`) gives
+        p(switch) >= `switch_threshold`, or `max_thoughts` thoughts, then `<eot>` and the answer. A request that
+        stops thinking moves on to `<eot>` in the next step while the others keep thinking. Requests with a
+        learned count run single latent steps (no captured multi-step thought loop).
         """
+        auto = None
+        if num_thoughts == "auto":
+            check_auto(self.coconut, max_thoughts, switch_threshold)
+            auto, num_thoughts = (max_thoughts, float(switch_threshold)), 0
+        elif max_thoughts is not None:
+            raise ValueError("max_thoughts applies to num_thoughts='auto' only")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         n = len(prompts)
@@ -179,13 +200,16 @@ class LLM:
                 raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
         ids, tokenizer, vocab = self.coconut.latent_ids, self.coconut.tokenizer, self.runner.embed.weight.shape[0]
         token_prompts = [prompt_token_ids(p, k, ids, tokenizer, vocab, i) for i, (p, k) in enumerate(zip(prompts, counts))]
-        return self.generate_checked(token_prompts, params, use_tqdm)
+        if auto is not None:
+            token_prompts = [p[:-1] for p in token_prompts]  # up to <bot>: the head decides what follows
+        return self.generate_checked(token_prompts, params, use_tqdm, auto)
 
     def generate_checked(self, prompts: list[list[int]], params: list[SamplingParams | None],
-                         use_tqdm: bool = False) -> list[RequestOutput]:
-        """`generate` for token-id prompts already checked and carrying their latent blocks, one sampling each."""
+                         use_tqdm: bool = False, auto: tuple[int, float] | None = None) -> list[RequestOutput]:
+        """`generate` for token-id prompts already checked and carrying their latent blocks (with `auto`: ending at
+        `<bot>`), one sampling each."""
         self.sync_with_model()
-        seqs = [self.new_sequence(p, s) for p, s in zip(prompts, params)]  # all checked before any runs
+        seqs = [self.new_sequence(p, s, auto) for p, s in zip(prompts, params)]  # all checked before any runs
         for seq in seqs:
             self.scheduler.add(seq)
         outputs = {}
@@ -200,6 +224,16 @@ class LLM:
                 self.scheduler.abort(seq)
             raise
         return [outputs[seq.seq_id] for seq in seqs]
+
+
+def check_auto(coconut, max_thoughts, switch_threshold) -> None:
+    """Arguments of a learned thought count."""
+    if getattr(coconut, "switch_head", None) is None:
+        raise ValueError("num_thoughts='auto' needs the model's switch head (coconut.switch_head)")
+    if isinstance(max_thoughts, bool) or not isinstance(max_thoughts, int) or max_thoughts < 0:
+        raise ValueError(f"num_thoughts='auto' needs max_thoughts, an integer >= 0, got {max_thoughts!r}")
+    if isinstance(switch_threshold, bool) or not isinstance(switch_threshold, (int, float)):
+        raise ValueError(f"switch_threshold must be a number, got {switch_threshold!r}")
 
 
 def weight_fingerprint(model) -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ class ModelRunner:
         self.block_size = block_size
         self.cache = PagedKVCache(kv_shape(causal_lm)[0], num_blocks, block_size, self.forward.num_kv_heads,
                                   self.forward.head_dim, self.dtype, self.device)
+        self.switch_head = None  # the model's switch head (set by the LLM): decides for learned thought counts
         self.graphs = None
         if cuda_graphs:
             self.graphs = GraphRunner(self.forward, self.cache, self.embed.weight.shape[1],
@@ -131,6 +132,7 @@ class ModelRunner:
                 thoughts = hidden.clone() if static else hidden
             for j, (_, i) in enumerate(latent):
                 output.thoughts[i] = thoughts[j : j + 1]
+            self.decide_switch(output, thoughts, [(j, i, chunks[i]) for j, (_, i) in enumerate(latent)])
         if wants:
             rows = [row for row, _, _ in wants]
             logits = self.lm_head(hidden if len(rows) == len(ordered) else hidden[self.upload(rows, torch.int64)])
@@ -144,6 +146,19 @@ class ModelRunner:
         embeds, meta = self.prepare([(seq, seq.num_computed + 1) for seq in seqs])
         thoughts = self.graphs.thought_loop(embeds, meta, num_steps).transpose(0, 1).clone()  # [n, steps, H]
         return StepOutput(list(thoughts.unbind(0)), [None] * len(seqs))
+
+    def decide_switch(self, output: StepOutput, thoughts: torch.Tensor, rows) -> None:
+        """The switch head on the step's thoughts of requests whose next input it picks: one GEMM for all."""
+        deciding = [(j, i, seq) for j, i, (seq, end) in rows if seq.needs_decision(end)]
+        if not deciding:
+            return
+        if self.switch_head is None:
+            raise RuntimeError("a request thinks until its switch head says switch, but the model has no switch head")
+        index = self.upload([j for j, _, _ in deciding], torch.int64)
+        p = self.switch_head.switch_probability(thoughts[index]).tolist()
+        output.switch = [None] * len(output.thoughts)
+        for prob, (_, i, seq) in zip(p, deciding):
+            output.switch[i] = prob >= seq.auto[1]
 
     @staticmethod
     def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

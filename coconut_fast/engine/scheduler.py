@@ -148,8 +148,11 @@ class Scheduler:
         returns the requests it finished."""
         self.allocator.commit_pending()
         finished = []
-        for (seq, end), thoughts, token in zip(step.chunks, output.thoughts, output.tokens):
+        for i, ((seq, end), thoughts, token) in enumerate(zip(step.chunks, output.thoughts, output.tokens)):
             seq.num_computed = end + step.latent_steps - 1
+            if thoughts is not None and seq.needs_decision(end):  # learned switch: <eot> or one more latent
+                seq.decide(thoughts[0], output.switch[i])
+                continue
             if thoughts is not None:
                 for thought in thoughts.unbind(0):
                     seq.add_thought(thought)

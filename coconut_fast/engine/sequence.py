@@ -59,7 +59,8 @@ class Sequence:
     is recomputed from them, never resampled.
     """
 
-    def __init__(self, seq_id: int, prompt: list[int], latent_id: int, sampling: SamplingParams, eos: tuple[int, ...]):
+    def __init__(self, seq_id: int, prompt: list[int], latent_id: int, sampling: SamplingParams, eos: tuple[int, ...],
+                 auto: tuple[int, float] | None = None, end_id: int | None = None):
         if not prompt:
             raise ValueError(f"request {seq_id}: the prompt is empty")
         self.seq_id = seq_id
@@ -78,6 +79,10 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, positions found in shared prefix blocks at admission
         self.block_table: list[int] = []
         self.num_preemptions = 0
+        # learned thought count: the prompt ends at <bot>; after each thought the switch head picks the next input
+        self.auto, self.end_id, self.latent_id = auto, end_id, latent_id
+        self.deciding = auto is not None
+        self.block_budget = auto[0] + 1 if auto is not None else 0  # latents and <eot> still to come, at most
 
     # ------------------------------------------------------------ sizes
     def __len__(self) -> int:
@@ -94,7 +99,7 @@ class Sequence:
     @property
     def max_length(self) -> int:
         """Longest the request can grow: prompt + every allowed new token."""
-        return self.prompt_len + self.sampling.max_new_tokens
+        return self.prompt_len + self.block_budget + self.sampling.max_new_tokens
 
     @property
     def shareable_len(self) -> int:
@@ -138,7 +143,24 @@ class Sequence:
 
     def wants_token(self, end: int) -> bool:
         """After computing up to `end`, is the next input a new token (else a new thought)?"""
-        return end == len(self.token_ids)
+        return end == len(self.token_ids) and not self.deciding
+
+    def needs_decision(self, end: int) -> bool:
+        """After computing up to `end`, does the switch head pick the next input (a latent or `<eot>`)?"""
+        return self.deciding and end == len(self.token_ids)
+
+    def decide(self, thought: torch.Tensor, switch: bool) -> None:
+        """The head's choice after the hidden state `thought`: `<eot>` (switch, or max_thoughts reached) or one more
+        latent slot, whose input is `thought`. Either joins the prompt."""
+        if switch or len(self.thoughts) >= self.auto[0]:
+            self.token_ids.append(self.end_id)
+            self.deciding = False
+        else:
+            self.token_ids.append(self.latent_id)
+            self.latent_positions.append(len(self.token_ids) - 1)
+            self.thoughts.append(thought)
+        self.prompt_len += 1
+        self.block_budget -= 1
 
     def add_thought(self, thought: torch.Tensor) -> None:
         self.thoughts.append(thought)
@@ -168,3 +190,8 @@ class RequestOutput:
     finish_reason: str
     text: str | None = None
     num_preemptions: int = 0
+
+    @property
+    def num_thoughts(self) -> int:
+        """The request's thought count (with learned switching, the count its head chose)."""
+        return self.thoughts.shape[0]

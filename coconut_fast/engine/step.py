@@ -1,7 +1,7 @@
 """What the scheduler hands the runner for one step, and what the runner hands back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +25,9 @@ class ScheduledStep:
 @dataclass
 class StepOutput:
     """Per request of the step, in its order: the new thoughts [n, H] (latent work) or None, and the new
-    token, or None where no token was computed or allowed."""
+    token, or None where no token was computed or allowed; `switch`: the switch head's choice for requests
+    with a learned thought count whose next input it picks (else None, or empty when there were none)."""
 
     thoughts: list[torch.Tensor | None]
     tokens: list[int | None]
+    switch: list[bool | None] = field(default_factory=list)
