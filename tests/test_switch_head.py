@@ -326,3 +326,24 @@ def test_trainer_trains_the_head_logs_its_loss_and_reports_the_learned_switch(tm
         run_config(tmp_path, switch_head="conv")
     with pytest.raises(ValueError, match="switch_loss_weight must be >= 0"):
         run_config(tmp_path, switch_head=True, switch_loss_weight=-1.0)
+
+
+# ---------------------------------------------------------------- analysis
+def test_analysis_compares_fixed_padding_with_the_learned_switch():
+    from coconut_fast.analysis.report import summary_lines
+    from coconut_fast.analysis.switch import fixed_vs_learned
+    from training_setup import local_tokenizer, tiny_gpt2, tiny_records
+
+    tokenizer = local_tokenizer()
+    cm = CoconutModel.from_pretrained(tiny_gpt2(tokenizer), tokenizer=tokenizer).eval()
+    with pytest.raises(ValueError, match="switch head"):
+        fixed_vs_learned(cm, tiny_records(2), 2)
+    cm.add_switch_head()
+    records = tiny_records(5)
+    never = fixed_vs_learned(cm, records, 2, batch_size=2, max_new_tokens=4, threshold=1.5)
+    assert never["learned"]["thought_counts"] == [2] * 5 and never["fixed"]["mean_thoughts"] == 2
+    assert never["learned"]["accuracy"] == never["fixed"]["accuracy"]
+    at_once = fixed_vs_learned(cm, records, 2, batch_size=2, max_new_tokens=4, threshold=0.0)
+    assert at_once["learned"]["mean_thoughts"] == 0
+    report = {"num_records": 0, "num_thoughts": 0, "records": [], "value_curves": None, "learned_switch": at_once}
+    assert any("learned switch" in line and "mean thoughts 0.00" in line for line in summary_lines(report))

@@ -18,6 +18,11 @@ def add_arguments(parser) -> None:
                         help="token budget of the language step read after k thoughts (default 48)")
     parser.add_argument("--switch", action=argparse.BooleanOptionalAction, default=True,
                         help="decode the next language step after k = 0..N thoughts (default on)")
+    parser.add_argument("--switch-threshold", type=float, default=0.5,
+                        help="with a switch head in the model: p(switch) that ends the thoughts, for the fixed vs "
+                             "learned comparison (default 0.5)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="answer budget of the fixed vs learned switch comparison (default 64)")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="write PNG plots (needs matplotlib; default on)")
     parser.add_argument("--max-heatmaps", type=int, default=10, help="per-question heat maps to draw (default 10)")
@@ -50,6 +55,7 @@ def _load(args):
 def run(args) -> int:
     from .analyze import analyze
     from .report import summary_lines, write_report
+    from .switch import fixed_vs_learned
 
     try:
         if args.plots:
@@ -60,6 +66,9 @@ def run(args) -> int:
         report = analyze(model, records, num_thoughts=args.num_thoughts, top_k=args.top_k,
                          batch_size=args.batch_size, max_step_tokens=args.max_step_tokens,
                          switch=args.switch, progress=args.progress)
+        if model.switch_head is not None:  # fixed padding against the learned switch, full answers
+            report["learned_switch"] = fixed_vs_learned(model, records, args.num_thoughts, args.batch_size,
+                                                        args.max_new_tokens, args.switch_threshold)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"coconut-fast analyze: error: {e}", file=sys.stderr)
         return 2

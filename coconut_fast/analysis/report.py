@@ -35,6 +35,11 @@ def summary_lines(report: dict) -> list[str]:
     for i in range(n):
         norms = [r["thoughts"][i]["norm"] for r in report["records"]]
         lines.append(f"thought {i}: mean norm {sum(norms) / len(norms):.3f}")
+    switch = report.get("learned_switch")
+    if switch:
+        lines.append(f"answers: fixed {switch['max_thoughts']} thoughts accuracy {switch['fixed']['accuracy']:.4f}; "
+                     f"learned switch (p >= {switch['threshold']}) accuracy {switch['learned']['accuracy']:.4f}, "
+                     f"mean thoughts {switch['learned']['mean_thoughts']:.2f}")
     curves = report["value_curves"]
     if curves:
         def fmt(v):

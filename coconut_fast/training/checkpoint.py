@@ -182,6 +182,8 @@ def save_checkpoint(save_dir: str | os.PathLike, name: str, coconut: torch.nn.Mo
             hf.config.save_pretrained(tmp)
             if getattr(coconut, "tokenizer", None) is not None:
                 coconut.tokenizer.save_pretrained(tmp)
+            if getattr(coconut, "switch_head", None) is not None:  # read back by the trainer's add_switch_head
+                coconut.switch_head.save(tmp)
             if optim_state is not None:
                 torch.save(optim_state, tmp / OPTIMIZER_FILE)
             with open(tmp / STATE_FILE, "w") as f:

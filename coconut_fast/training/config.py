@@ -20,6 +20,7 @@ MODE_FLAGS = {"coconut": "coconut", "cot": "cot", "no_thoughts": "no_thoughts", 
 PARALLEL = ("ddp", "fsdp2")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 LATENT_MODES = ("sequential", "parallel")
+SWITCH_HEADS = (False, True, "linear", "mlp")
 TINY_SIZE_KEYS = ("hidden", "layers", "heads", "context")
 
 
@@ -68,6 +69,8 @@ class TrainConfig:
     icot_epochs_per_removal: int = 1  # epochs between removal steps
     icot_removal_smoothing_lambda: float | None = 4.0  # P(o extra tokens) ∝ exp(-λ o); None / 0: off
     icot_reset_optimizer: bool = True  # a new AdamW at each removal step that still shortens a chain
+    switch_head: bool | str = False  # learned switch to language: "linear", "mlp" (True: linear), False: none
+    switch_loss_weight: float = 1.0  # loss = LM loss + weight * the switch head's BCE (with switch_head)
     tokenizer: str | None = None  # tokenizer directory; default: the model's (local BPE for tiny:*)
     tiny_size: dict = field(default_factory=dict)  # hidden / layers / heads / context of a tiny:* model
     parallel: str = "ddp"  # "ddp" or "fsdp2" under torchrun
@@ -232,6 +235,10 @@ class TrainConfig:
             raise ValueError("reset_optimizer_at_stage_change needs reset_optimizer: True")
         if len(self.adam_betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if not (isinstance(self.switch_head, bool) or self.switch_head in SWITCH_HEADS[2:]):
+            raise ValueError(f"switch_head must be False, True (linear), 'linear' or 'mlp', got {self.switch_head!r}")
+        if self.switch_loss_weight < 0:
+            raise ValueError(f"switch_loss_weight must be >= 0, got {self.switch_loss_weight}")
         bad = sorted(set(self.tiny_size) - set(TINY_SIZE_KEYS))
         if bad:
             raise ValueError(f"tiny_size has unknown key(s) {', '.join(bad)}; expected some of {TINY_SIZE_KEYS}")

@@ -45,12 +45,15 @@ def score_sample(tokenizer, prompt: list[int], new: list[int], record: dict, idx
 
 def evaluate_generation(coconut, records: list[dict], tokenized: list[TokenizedRecord], stage: int,
                         curriculum: CurriculumConfig, batch_size: int = 16, max_new_tokens: int = 128,
-                        ctx: DistContext | None = None, progress: bool = True) -> dict:
+                        ctx: DistContext | None = None, progress: bool = True, auto_thoughts: int | None = None,
+                        switch_threshold: float = 0.5) -> dict:
     """Generate an answer for every record at `stage` and score it; the same result on every rank.
 
     Returns accuracy, cot_match, generated_tokens (mean), num_samples, stage, forward_calls and
     dummy_calls (this rank's backbone calls, and how many of them only kept step with other ranks),
-    and the per-question `samples` (with the decoded `text`), ordered by record index.
+    and the per-question `samples` (with the decoded `text`), ordered by record index. `mean_thoughts` is the
+    mean number of thoughts per question: the stage's fixed count, or with `auto_thoughts=K` (needs the
+    model's switch head) the count each question's head chose (at most K) for its question alone.
     """
     ctx = ctx or DistContext(device=coconut.device)
     tok, ids = coconut.tokenizer, coconut.latent_ids
@@ -62,9 +65,17 @@ def evaluate_generation(coconut, records: list[dict], tokenized: list[TokenizedR
     with torch.no_grad(), SyncedForward(coconut, ctx) as sync:
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            prompts = [build_eval_example(tokenized[i], stage, curriculum, ids)["input_ids"] for i in chunk]
-            input_ids, mask = left_pad(prompts, tok.pad_token_id, ctx.device)
-            out = coconut.generate(input_ids, mask, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
+            if auto_thoughts is None:
+                prompts = [build_eval_example(tokenized[i], stage, curriculum, ids)["input_ids"] for i in chunk]
+                input_ids, mask = left_pad(prompts, tok.pad_token_id, ctx.device)
+                out = coconut.generate(input_ids, mask, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
+            else:
+                input_ids, mask = left_pad([tokenized[i].question for i in chunk], tok.pad_token_id, ctx.device)
+                out = coconut.generate(input_ids, mask, num_thoughts="auto", max_thoughts=auto_thoughts,
+                                       switch_threshold=switch_threshold, max_new_tokens=max_new_tokens,
+                                       return_dict_in_generate=True)
+                prompts = [tokenized[i].question + [ids.start] + [ids.latent] * k + [ids.end]
+                           for i, k in zip(chunk, out.num_thoughts.tolist())]
             rows = out.sequences[:, out.prompt_length :].tolist()
             for i, prompt, row in zip(chunk, prompts, rows):
                 samples.append(score_sample(tok, prompt, _new_tokens(row, tok.eos_token_id), records[i], i, ids.latent))
@@ -79,6 +90,7 @@ def evaluate_generation(coconut, records: list[dict], tokenized: list[TokenizedR
         "accuracy": sum(s["correct"] for s in samples) / n,
         "cot_match": sum(s["cot_match"] for s in samples) / n,
         "generated_tokens": sum(s["generated_tokens"] for s in samples) / n,
+        "mean_thoughts": sum(s["num_thoughts"] for s in samples) / n,
         "forward_calls": sync.forward_calls,
         "dummy_calls": sync.dummy_calls,
         "samples": samples,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -25,6 +26,7 @@ from ..data.collator import CoconutCollator
 from ..data.curriculum import build_training_set, icot_scheduled_removal, stage_for_epoch
 from ..data.records import check_tokenization, load_records, tokenize_record
 from ..model import OFFICIAL_PREFIX, CoconutModel
+from ..switch_head import SWITCH_HEAD_FILE, check_kind
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (
@@ -45,9 +47,10 @@ logger = logging.getLogger(__name__)
 TINY_DEFAULTS = {"hidden": 64, "layers": 2, "heads": 4, "context": 1024}
 # official debug runs: at most this many training / validation records, and no checkpoints
 DEBUG_TRAIN, DEBUG_VAL = 5000, 32
-TRAIN_LOG_FIELDS = ("epoch", "stage", "global_step", "loss", "lr", "samples", "seconds")
+# loss: the LM loss; switch_loss: the switch head's BCE (empty without a head)
+TRAIN_LOG_FIELDS = ("epoch", "stage", "global_step", "loss", "switch_loss", "lr", "samples", "seconds")
 EVAL_LOG_FIELDS = ("epoch", "stage", "global_step", "train_loss", "val_loss", "accuracy", "cot_match",
-                   "generated_tokens", "num_samples")
+                   "generated_tokens", "num_samples", "mean_thoughts", "switch_accuracy", "switch_mean_thoughts")
 
 
 # ---------------------------------------------------------------------- model
@@ -100,6 +103,16 @@ def build_model(config: TrainConfig, model=None, tokenizer=None, weights: str | 
         else:
             ckpt.load_model_weights(coconut.model, state, str(weights))
     return coconut
+
+
+def add_switch_head(coconut: CoconutModel, kind, weights: str | Path | None) -> None:
+    """The switch head of `switch_head: kind`; its weights come from a checkpoint directory that has them."""
+    kind = check_kind(kind)
+    if coconut.switch_head is not None and coconut.switch_head.kind == kind:
+        return
+    head = coconut.add_switch_head(kind)
+    if weights is not None and (Path(weights) / SWITCH_HEAD_FILE).is_file():
+        head.load_state_dict(load_file(Path(weights) / SWITCH_HEAD_FILE))
 
 
 def _embedding_rows(state: dict, model) -> int | None:
@@ -190,6 +203,8 @@ class Trainer:
             print(f"warning: skipping the first {config.resume} epochs without load_model_path")
 
         self.coconut = build_model(config, model, tokenizer, weights)
+        if config.switch_head is not False:  # before the optimizer and the DDP wrap, which must see its weights
+            add_switch_head(self.coconut, config.switch_head, weights)
         if config.bf16:
             self.coconut.to(torch.bfloat16)  # the official pure bf16: weights and optimizer in bf16
         self.coconut.to(self.ctx.device)
@@ -260,6 +275,8 @@ class Trainer:
             source.update(latent_mode="latent_mode", jacobi_iterations="jacobi_iterations")
         if c.activation_checkpointing:
             options["gradient_checkpointing"], source["gradient_checkpointing"] = True, "activation_checkpointing"
+        if c.switch_head is not False:
+            options["switch_loss_weight"], source["switch_loss_weight"] = c.switch_loss_weight, "switch_loss_weight"
         options.update(c.forward_options)
         source.update({k: f"forward_options: {k}" for k in c.forward_options})
         bad = [source.get(k, k) for k in options if k not in accepted]
@@ -380,7 +397,7 @@ class Trainer:
         bar = tqdm(total=math.ceil(len(batches) / accum), initial=math.ceil(start / accum),
                    desc=f"epoch {epoch + 1}/{c.num_epochs} stage {stage}", disable=not (ctx.is_main and c.progress_bars),
                    dynamic_ncols=True)
-        window, samples, t0 = [], 0, time.perf_counter()
+        window, switch_window, samples, t0 = [], [], 0, time.perf_counter()
         for i in range(start, len(batches)):
             batch = self.collate([examples[j] for j in batches[i]])
             batch = {k: v.to(ctx.device) for k, v in batch.items() if k != "idx"}
@@ -389,9 +406,15 @@ class Trainer:
             last = (i + 1) % accum == 0 or i == len(batches) - 1
             with no_gradient_sync(self.model, skip=not last):
                 with self._autocast():
-                    loss = self.model(**batch, **self.forward_options).loss
+                    out = self.model(**batch, **self.forward_options)
+                loss = out.loss
                 (loss / accum).backward()  # official: divided by accum also in a short last window
-            window.append(loss.detach().float())
+            lm_loss = loss.detach().float()
+            if out.switch_loss is not None:  # the LM loss and the BCE are logged apart
+                switch_window.append(out.switch_loss.detach().float())
+                if "switch_loss_weight" in self.forward_options:
+                    lm_loss = lm_loss - c.switch_loss_weight * switch_window[-1]
+            window.append(lm_loss)
             samples += len(batches[i])
             if not last:
                 continue
@@ -406,13 +429,15 @@ class Trainer:
             step_loss, n = all_reduce([float(torch.stack(window).mean()), 1.0], ctx)
             step_loss /= n
             window = []
+            step_switch = float(torch.stack(switch_window).mean()) if switch_window else None
+            switch_window = []
             self.loss_sums = [self.loss_sums[0] + step_loss, self.loss_sums[1] + 1]
             results["step_losses"].append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if self.global_step % c.log_every_steps == 0:
                 self._log_train({"epoch": epoch + 1, "stage": stage, "global_step": self.global_step,
-                                 "loss": step_loss, "lr": lr, "samples": samples * ctx.world_size,
+                                 "loss": step_loss, "switch_loss": step_switch, "lr": lr, "samples": samples * ctx.world_size,
                                  "seconds": round(time.perf_counter() - t0, 3)})
             stop = c.stop_after_steps and self.global_step >= c.stop_after_steps
             if stop or (c.save_every_steps and self.global_step % c.save_every_steps == 0 and i + 1 < len(batches)):
@@ -434,17 +459,28 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("train/loss", row["loss"], row["global_step"])
             self.tensorboard.add_scalar("train/lr", row["lr"], row["global_step"])
+            if row.get("switch_loss") is not None:
+                self.tensorboard.add_scalar("train/switch_loss", row["switch_loss"], row["global_step"])
 
     def _evaluate(self, epoch: int, stage: int, with_loss: bool) -> dict:
         c = self.config
         out, t0 = {}, time.perf_counter()
+        lm_options = {k: v for k, v in self.forward_options.items() if k != "switch_loss_weight"}  # val_loss: LM only
         if with_loss:
             out["val_loss"] = evaluate_loss(self.coconut, self.val_tok, stage, self.curriculum, self.collate,
                                             c.batch_size_training, self.ctx, random.Random(c.seed + epoch + 1),
-                                            self.forward_options, self._autocast)
+                                            lm_options, self._autocast)
         gen = evaluate_generation(self.coconut, self.val_records, self.val_tok, stage, self.curriculum,
                                   c.eval_batch_size, c.generation_tokens, self.ctx, progress=c.progress_bars)
-        out.update({k: gen[k] for k in ("accuracy", "cot_match", "generated_tokens", "num_samples")})
+        out.update({k: gen[k] for k in ("accuracy", "cot_match", "generated_tokens", "num_samples", "mean_thoughts")})
+        max_thoughts = c.max_latent_stage * c.c_thought
+        if self.coconut.switch_head is not None and c.mode == "coconut" and max_thoughts > 0:
+            # the learned switch beside the stage's fixed count: each question thinks until its head says switch
+            auto = evaluate_generation(self.coconut, self.val_records, self.val_tok, stage, self.curriculum,
+                                       c.eval_batch_size, c.generation_tokens, self.ctx, progress=c.progress_bars,
+                                       auto_thoughts=max_thoughts)
+            out.update(switch_accuracy=auto["accuracy"], switch_mean_thoughts=auto["mean_thoughts"])
+            gen["switch_samples"] = auto["samples"]
         report_calls = {"eval_forward_calls": gen["forward_calls"], "eval_dummy_calls": gen["dummy_calls"],
                         "eval_seconds": time.perf_counter() - t0}
         if self.ctx.is_main:
@@ -453,6 +489,8 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             report = {"epoch": epoch + 1, "global_step": self.global_step, **out,
                       "samples": gen["samples"]}
+            if "switch_samples" in gen:
+                report["switch_samples"] = gen["switch_samples"]
             tmp = path.with_name(f".tmp-{name}")
             tmp.write_text(json.dumps(report, indent=2))
             tmp.replace(path)
