@@ -161,20 +161,34 @@ def test_generate_official_format_equals_num_thoughts(family):
     assert torch.equal(a, b)
 
 
+def first_steps(runs, token):
+    """The step at which each run first emits `token` (None where it never does)."""
+    return [run.index(token) if token in run else None for run in runs]
+
+
 def test_generate_stops_each_sample_at_eos_and_pads():
+    """With an EOS the model really emits, each sample stops at its own EOS, then pads; the others go on."""
     cm = make_coconut("llama", seed=3)
-    eos = cm.tokenizer.eos_token_id
-    with torch.no_grad():  # make EOS the greedy choice right after token 7
-        cm.model.get_input_embeddings().weight[7] = cm.model.get_output_embeddings().weight[eos] * 50
-    ids, mask = prompt_batch(cm, [[1, 2, 7], [1, 2, 3]])
-    out = cm.generate(ids, mask, num_thoughts=0, max_new_tokens=5, return_dict_in_generate=True)
-    seq = out.sequences
-    first = seq[0, out.prompt_length :].tolist()
-    ref, _ = reference_generate(cm.model, [1, 2, 7, cm.latent_ids.start, cm.latent_ids.end], cm.latent_ids.latent, eos, 5)
-    assert first[: len(ref)] == ref
-    if eos in first:
-        stop = first.index(eos)
-        assert all(t == cm.tokenizer.pad_token_id for t in first[stop + 1 :])
+    L, pad, n = cm.latent_ids, cm.tokenizer.pad_token_id, 8
+    questions, counts = [[1, 2, 7], [5, 6, 7, 8, 9], [30, 31, 32, 33]], [1, 2, 0]
+    ids, mask = prompt_batch(cm, questions)
+    free = cm.generate(ids, mask, num_thoughts=counts, max_new_tokens=n, eos_token_id=[], return_dict_in_generate=True)
+    runs = free.sequences[:, free.prompt_length :].tolist()
+    # the EOS: a token two samples emit mid-sequence at different steps and the third never emits
+    chosen = [t for t in sorted(set(runs[0]))
+              if (s := first_steps(runs, t))[1] is None and None not in (s[0], s[2]) and s[0] != s[2]
+              and max(s[0], s[2]) < n - 1]
+    assert chosen, f"no token fits as EOS in the greedy runs {runs}"
+    eos = chosen[0]
+    out = cm.generate(ids, mask, num_thoughts=counts, max_new_tokens=n, eos_token_id=eos, return_dict_in_generate=True)
+    new = out.sequences[:, out.prompt_length :].tolist()
+    stops = [s + 1 if s is not None else n for s in first_steps(runs, eos)]
+    assert stops[1] == n and stops[0] < n and stops[2] < n and stops[0] != stops[2]
+    for b, (q, k) in enumerate(zip(questions, counts)):
+        # up to its EOS the sample is its free run, then only pad; a sample without EOS runs all n steps
+        assert new[b] == runs[b][: stops[b]] + [pad] * (n - stops[b]), b
+        ref, _ = reference_generate(cm.model, q + [L.start] + [L.latent] * k + [L.end], L.latent, eos, n)
+        assert ref == runs[b][: stops[b]], b
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -1,4 +1,6 @@
 """The training loop: optimizer resets (official and per stage), weights loading, precision, options."""
+import math
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -6,6 +8,8 @@ from safetensors.torch import save_file
 from coconut_fast.model import OFFICIAL_PREFIX
 from coconut_fast.training import checkpoint as ckpt
 from coconut_fast.training import train
+from coconut_fast.training import evaluate as evaluate_module
+from coconut_fast.training import trainer as trainer_module
 from coconut_fast.training.trainer import build_model
 from training_setup import local_tokenizer, run_config, tiny_gpt2, tiny_records
 
@@ -51,11 +55,40 @@ def test_reset_rebuilds_the_moments(tmp_path):
     assert not torch.allclose(a[0]["exp_avg_sq"], b[0]["exp_avg_sq"])
 
 
-def test_no_thoughts_and_cot_modes_train(tmp_path):
-    for flags in ({"coconut": False, "cot": True}, {"coconut": False, "no_thoughts": True},
-                  {"coconut": False, "no_cot": True}):
-        result = run(run_config(tmp_path, name="_".join(flags), num_epochs=1, **flags))
-        assert len(result["step_losses"]) == STEPS and all(l == l for l in result["step_losses"])
+def spy_training_sets(monkeypatch) -> dict:
+    """Every epoch's training examples, with the tokenized records and latent ids they were built from."""
+    seen, real = {}, trainer_module.build_training_set
+
+    def spy(records, epoch, cfg, ids, rng):
+        seen[epoch] = (records, real(records, epoch, cfg, ids, rng), ids)
+        return seen[epoch][1]
+
+    monkeypatch.setattr(trainer_module, "build_training_set", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["cot", "no_thoughts", "no_cot"])
+def test_no_thoughts_and_cot_modes_train(tmp_path, monkeypatch, mode):
+    """Each mode trains on the official layout (never a latent or a marker) and its loss falls.
+
+    cot: every step; no_thoughts: stage s drops the first s steps (all of them past max_latent_stage 1);
+    no_cot: no step."""
+    seen = spy_training_sets(monkeypatch)
+    result = run(run_config(tmp_path, num_epochs=3, coconut=False, val_loss=False, **{mode: True}), val=None)
+    assert sorted(seen) == [0, 1, 2]
+    for epoch, (records, examples, ids) in seen.items():
+        stage = epoch  # one epoch per stage
+        assert any(len(r.steps) > 1 for r in records)  # so stage 1 of no_thoughts keeps a step and drops one
+        for rec, ex in zip(records, examples):
+            kept = {"cot": rec.steps, "no_cot": [], "no_thoughts": rec.steps[stage:] if stage <= 1 else []}[mode]
+            target = [t for step in kept for t in step] + rec.answer
+            assert ex["input_ids"] == rec.question + target, (mode, epoch, rec.idx)
+            assert ex["labels"] == [-100] * len(rec.question) + target, (mode, epoch, rec.idx)
+            assert not {ids.start, ids.latent, ids.end} & set(ex["input_ids"])
+    losses = result["step_losses"]
+    assert len(losses) == 3 * STEPS and all(math.isfinite(l) for l in losses)
+    first, last = sum(losses[:STEPS]) / STEPS, sum(losses[-STEPS:]) / STEPS
+    assert last < first - 0.15, losses  # about 6.0 falls to about 5.65 in 6 steps at lr 1e-3
 
 
 def test_pure_bf16_and_autocast(tmp_path):
@@ -72,14 +105,32 @@ def test_pure_bf16_and_autocast(tmp_path):
         assert other["step_losses"] != fp32["step_losses"]
 
 
-def test_debug_and_save_only_improve(tmp_path):
+def script_accuracy(monkeypatch, accuracies: list[float]) -> None:
+    """The trainer's evaluations report `accuracies`, one per call, over the real generation's report."""
+    scripted, real = iter(accuracies), evaluate_module.evaluate_generation
+
+    def evaluate(*args, **kwargs):
+        return {**real(*args, **kwargs), "accuracy": next(scripted)}
+
+    monkeypatch.setattr(trainer_module, "evaluate_generation", evaluate)
+
+
+def test_debug_and_save_only_improve(tmp_path, monkeypatch):
     run(run_config(tmp_path, name="debug", debug=True))
     assert not ckpt.list_checkpoints(tmp_path / "debug")  # official: debug runs save nothing
-    result = run(run_config(tmp_path, name="improve", save_only_improve=True, num_epochs=2))
-    saved = [p.name for _, p, _ in ckpt.list_checkpoints(tmp_path / "improve")]
-    accs = [e["accuracy"] for e in result["epochs"]]
-    expected = [f"checkpoint_{i + 1}" for i, a in enumerate(accs) if a > max([0.0] + accs[:i])]
-    assert saved == expected
+    # saved only when the accuracy beats the best so far (which starts at 0): not on a tie, not on a fall
+    accuracies = [0.0, 0.5, 0.5, 0.25, 0.75]
+    script_accuracy(monkeypatch, accuracies)
+    result = run(run_config(tmp_path, name="improve", save_only_improve=True, num_epochs=5, val_loss=False))
+    assert [e["accuracy"] for e in result["epochs"]] == accuracies
+    found = ckpt.list_checkpoints(tmp_path / "improve")
+    assert [p.name for _, p, _ in found] == ["checkpoint_2", "checkpoint_5"]
+    assert [ckpt.read_trainer_state(p)["best_acc"] for _, p, _ in found] == [0.5, 0.75]
+    assert result["best_accuracy"] == 0.75
+    # the same accuracies without save_only_improve: a checkpoint every epoch
+    script_accuracy(monkeypatch, accuracies)
+    run(run_config(tmp_path, name="every", num_epochs=5, val_loss=False))
+    assert [p.name for _, p, _ in ckpt.list_checkpoints(tmp_path / "every")] == [f"checkpoint_{e}" for e in range(1, 6)]
 
 
 def test_forward_options_are_checked(tmp_path):
