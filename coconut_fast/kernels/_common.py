@@ -1,6 +1,7 @@
 """The triton import (optional) and the argument checks shared by the kernel launchers."""
 
 import os
+from typing import NoReturn
 
 import torch
 
@@ -33,42 +34,56 @@ def require_triton(x: torch.Tensor) -> None:
                            "use the *_reference functions")
 
 
-def expect(ok: bool, name: str, what: str, got) -> None:
-    """Raise a ValueError naming the argument, what was expected and what was given."""
+def expect_failed(name: str, what, got) -> NoReturn:
+    """Raise the ValueError of a failed check: the argument, what was expected (a string, or a zero-argument
+    callable that builds it) and what was given (likewise)."""
+    what = what() if callable(what) else what
+    got = got() if callable(got) else got
+    raise ValueError(f"{name}: expected {what}, got {got}")
+
+
+def expect(ok: bool, name: str, what, got) -> None:
+    """Raise a ValueError naming the argument, what was expected and what was given. `what` and `got` may be
+    zero-argument callables, called only on failure: a passing check then formats nothing (the host cost of a
+    launch's checks is mostly message building otherwise)."""
     if not ok:
-        raise ValueError(f"{name}: expected {what}, got {got}")
+        expect_failed(name, what, got)
 
 
+# The helpers below test with plain `if`s and build their messages only on failure.
 def expect_tensor(x, name: str, ndim: int, dtypes=FLOAT_DTYPES) -> None:
-    expect(isinstance(x, torch.Tensor), name, "a torch.Tensor", type(x).__name__)
-    expect(x.dim() == ndim, name, f"{ndim} dimensions", tuple(x.shape))
-    expect(x.dtype in dtypes, name, f"dtype in {[str(d) for d in dtypes]}", x.dtype)
+    if not isinstance(x, torch.Tensor):
+        expect_failed(name, "a torch.Tensor", type(x).__name__)
+    if x.dim() != ndim:
+        expect_failed(name, f"{ndim} dimensions", tuple(x.shape))
+    if x.dtype not in dtypes:
+        expect_failed(name, lambda: f"dtype in {[str(d) for d in dtypes]}", x.dtype)
 
 
 def expect_same_device(x: torch.Tensor, **others) -> None:
     for name, other in others.items():
-        expect(other.device == x.device, name, f"a tensor on {x.device} (the device of the queries/inputs)",
-               other.device)
+        if other.device != x.device:
+            expect_failed(name, f"a tensor on {x.device} (the device of the queries/inputs)", other.device)
 
 
 def expect_out(out, like: torch.Tensor) -> None:
     """An optional output buffer: None, or a tensor of the shape, dtype and device of `like`."""
-    if out is not None:
-        expect(isinstance(out, torch.Tensor) and out.shape == like.shape and out.dtype == like.dtype
-               and out.device == like.device and out.stride(-1) == 1, "out",
-               f"None or a tensor of shape {tuple(like.shape)}, {like.dtype} on {like.device}",
-               (getattr(out, "shape", None), getattr(out, "dtype", None)))
+    if out is not None and not (isinstance(out, torch.Tensor) and out.shape == like.shape
+                                and out.dtype == like.dtype and out.device == like.device and out.stride(-1) == 1):
+        expect_failed("out", f"None or a tensor of shape {tuple(like.shape)}, {like.dtype} on {like.device}",
+                      (getattr(out, "shape", None), getattr(out, "dtype", None)))
 
 
 def expect_paged_cache(k_cache, v_cache) -> None:
     """k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape and dtype."""
     expect_tensor(k_cache, "k_cache", 4)
     expect_tensor(v_cache, "v_cache", 4)
-    expect(v_cache.shape == k_cache.shape, "v_cache", f"the shape of k_cache {tuple(k_cache.shape)}",
-           tuple(v_cache.shape))
-    expect(v_cache.dtype == k_cache.dtype, "v_cache", f"the dtype of k_cache {k_cache.dtype}", v_cache.dtype)
-    expect(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "k_cache/v_cache", "a contiguous last dimension",
-           (k_cache.stride(), v_cache.stride()))
+    if v_cache.shape != k_cache.shape:
+        expect_failed("v_cache", f"the shape of k_cache {tuple(k_cache.shape)}", tuple(v_cache.shape))
+    if v_cache.dtype != k_cache.dtype:
+        expect_failed("v_cache", f"the dtype of k_cache {k_cache.dtype}", v_cache.dtype)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        expect_failed("k_cache/v_cache", "a contiguous last dimension", (k_cache.stride(), v_cache.stride()))
 
 
 @triton.jit
@@ -94,10 +109,14 @@ def expect_queries_and_cache(q, k_cache, v_cache) -> None:
     expect_paged_cache(k_cache, v_cache)
     Hq, D = q.shape[1:]
     Hkv = k_cache.shape[2]
-    expect(k_cache.shape[3] == D, "k_cache", f"head_dim {D} (from q) in dimension 3", tuple(k_cache.shape))
-    expect(Hq % Hkv == 0, "q", f"a number of heads divisible by the {Hkv} kv heads of k_cache", Hq)
-    expect(q.dtype == k_cache.dtype, "q", f"the dtype of k_cache {k_cache.dtype}", q.dtype)
-    expect(q.stride(-1) == 1, "q", "a contiguous last dimension", q.stride())
+    if k_cache.shape[3] != D:
+        expect_failed("k_cache", f"head_dim {D} (from q) in dimension 3", tuple(k_cache.shape))
+    if Hq % Hkv != 0:
+        expect_failed("q", f"a number of heads divisible by the {Hkv} kv heads of k_cache", Hq)
+    if q.dtype != k_cache.dtype:
+        expect_failed("q", f"the dtype of k_cache {k_cache.dtype}", q.dtype)
+    if q.stride(-1) != 1:
+        expect_failed("q", "a contiguous last dimension", q.stride())
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
