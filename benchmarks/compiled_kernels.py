@@ -41,6 +41,8 @@ MODELS = {  # hidden, query heads, kv heads, head_dim, norm
 ATTENTION = dict(head_dim=(64, 128), block_size=(16, 32), group=(1, 4, 8))
 AXES = {
     "decode_attention": dict(**ATTENTION, num_splits=(1, 4)),
+    # the step's k/v appended in the launch (rope: rotated first); split 4 merges in the launch through counters
+    "decode_attention_append": dict(**ATTENTION, num_splits=(4, 1), rope=(True, False)),
     "prefill_attention": ATTENTION,
     "write_kv": dict(model=tuple(MODELS), block_size=(16, 32)),
     "rope_write_kv": dict(model=("llama-1b", "llama-8b"), block_size=(16, 32)),
@@ -82,7 +84,7 @@ def call_wrapper(kernel: str, dtype_name: str, params: dict) -> None:
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     rows, blocks = 3, 5
-    if kernel in ("decode_attention", "prefill_attention"):
+    if kernel in ("decode_attention", "decode_attention_append", "prefill_attention"):
         kv_heads, head_dim, bs = 2, params["head_dim"], params["block_size"]
         q = torch.randn(rows, kv_heads * params["group"], head_dim).to(dtype)
         cache = torch.randn(rows * blocks, bs, kv_heads, head_dim).to(dtype)
@@ -90,6 +92,14 @@ def call_wrapper(kernel: str, dtype_name: str, params: dict) -> None:
         lens = torch.full((rows,), 2 * bs, dtype=torch.int32)
         if kernel == "decode_attention":
             K.paged_decode_attention(q, cache, cache.clone(), tables, lens, 0.1, num_splits=params["num_splits"])
+        elif kernel == "decode_attention_append":  # q, k, v as strided views of one fused projection, as the engine
+            qkv = torch.randn(rows, q.shape[1] + 2 * kv_heads, head_dim).to(dtype)
+            q, k, v = qkv.split([q.shape[1], kv_heads, kv_heads], dim=1)
+            slots = (tables[:, 1] * bs + bs - 1).long()
+            table = torch.randn(64, head_dim // 2)
+            rope = (torch.arange(rows) + 2, table, table.clone()) if params["rope"] else None
+            K.paged_decode_attention(q, cache, cache.clone(), tables, lens, 0.1, num_splits=params["num_splits"],
+                                     new_kv=(k, v, slots), rope=rope)
         else:
             cu = torch.arange(rows + 1, dtype=torch.int32)
             K.paged_prefill_attention(q, cache, cache.clone(), tables, cu, lens, 0.1)
