@@ -37,15 +37,46 @@ void raise_on_error(cudaError_t err, const char* what) {
               err == cudaErrorInvalidValue ? "unsupported shape or dtype" : cudaGetErrorString(err));
 }
 
-void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+const void* optional_ptr(const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_cuda(*t, name);
+  return t->data_ptr();
+}
+
+void paged_decode_attention(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor& out,
-                            at::Tensor& part_out, at::Tensor& part_lse, double scale, int64_t num_splits) {
+                            const std::optional<at::Tensor>& part_out, const std::optional<at::Tensor>& part_lse,
+                            const std::optional<at::Tensor>& counters, double scale, int64_t num_splits,
+                            const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                            const std::optional<at::Tensor>& slot_mapping, const std::optional<at::Tensor>& positions,
+                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin) {
   for (auto& [t, n] : {std::pair{q, "q"}, {k_cache, "k_cache"}, {v_cache, "v_cache"}, {out, "out"}}) {
     check_cuda(t, n);
     check_aligned(t, n);
   }
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "coconut_fast._C: block_tables and context_lens must be int32");
+  TORCH_CHECK(num_splits == 1 || (part_out.has_value() && part_lse.has_value() && counters.has_value() &&
+                                  part_out->scalar_type() == at::kFloat && part_lse->scalar_type() == at::kFloat &&
+                                  counters->scalar_type() == at::kInt),
+              "coconut_fast._C: num_splits > 1 needs float32 part_out/part_lse and int32 counters");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value() && k_new.has_value() == slot_mapping.has_value(),
+              "coconut_fast._C: k_new, v_new and slot_mapping come together");
+  TORCH_CHECK(positions.has_value() == cos.has_value() && cos.has_value() == sin.has_value() &&
+                  (!cos.has_value() || k_new.has_value()),
+              "coconut_fast._C: positions, cos and sin come together, with k_new");
+  if (k_new.has_value()) {
+    for (auto& [t, n] : {std::pair{*k_new, "k_new"}, {*v_new, "v_new"}}) {
+      check_cuda(t, n);
+      check_aligned(t, n);
+    }
+    TORCH_CHECK(slot_mapping->scalar_type() == at::kLong, "coconut_fast._C: slot_mapping must be int64");
+  }
+  if (cos.has_value()) {
+    TORCH_CHECK(positions->scalar_type() == at::kLong, "coconut_fast._C: positions must be int64");
+    TORCH_CHECK(cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat,
+                "coconut_fast._C: cos and sin must be float32");
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   coconut::DecodeAttentionArgs a{};
   a.q = q.data_ptr();
@@ -54,14 +85,28 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   a.block_tables = block_tables.data_ptr<int32_t>();
   a.context_lens = context_lens.data_ptr<int32_t>();
   a.out = out.data_ptr();
-  a.part_out = num_splits > 1 ? part_out.data_ptr<float>() : nullptr;
-  a.part_lse = num_splits > 1 ? part_lse.data_ptr<float>() : nullptr;
+  if (num_splits > 1) {
+    a.part_out = part_out->data_ptr<float>();
+    a.part_lse = part_lse->data_ptr<float>();
+    a.counters = counters->data_ptr<int32_t>();
+  }
+  a.k_new = optional_ptr(k_new, "k_new");
+  a.v_new = optional_ptr(v_new, "v_new");
+  a.slot_mapping = slot_mapping.has_value() ? slot_mapping->data_ptr<int64_t>() : nullptr;
+  a.positions = positions.has_value() ? positions->data_ptr<int64_t>() : nullptr;
+  a.cos = cos.has_value() ? cos->data_ptr<float>() : nullptr;
+  a.sin = sin.has_value() ? sin->data_ptr<float>() : nullptr;
   a.qk_scale = static_cast<float>(scale * 1.4426950408889634);
   a.stride_qb = q.stride(0), a.stride_qh = q.stride(1);
   a.stride_kb = k_cache.stride(0), a.stride_kt = k_cache.stride(1), a.stride_kh = k_cache.stride(2);
   a.stride_vb = v_cache.stride(0), a.stride_vt = v_cache.stride(1), a.stride_vh = v_cache.stride(2);
   a.stride_bt = block_tables.stride(0);
   a.stride_ob = out.stride(0), a.stride_oh = out.stride(1);
+  if (k_new.has_value()) {
+    a.stride_knb = k_new->stride(0), a.stride_knh = k_new->stride(1);
+    a.stride_vnb = v_new->stride(0), a.stride_vnh = v_new->stride(1);
+  }
+  if (cos.has_value()) a.stride_cos = cos->stride(0), a.stride_sin = sin->stride(0);
   a.batch = q.size(0), a.num_heads = q.size(1), a.num_kv_heads = k_cache.size(2), a.head_dim = q.size(2);
   a.block_size = k_cache.size(1), a.num_splits = num_splits;
   raise_on_error(coconut::paged_decode_attention(a, dtype_of(q.scalar_type()), c10::cuda::getCurrentCUDAStream()),

@@ -9,22 +9,33 @@ namespace coconut {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// q [B, Hq, D] against a paged cache [blocks, block_size, Hkv, D]; strides in elements.
+// q [B, Hq, D] against a paged cache [blocks, block_size, Hkv, D]; strides in elements. With k_new, the
+// step's k/v [B, Hkv, D] are written to slot_mapping[b] (< 0: nothing) and attended as position
+// context_lens[b] - 1; with cos as well, q and the new k are rotated at positions[b] first.
 struct DecodeAttentionArgs {
   const void* q;
-  const void* k_cache;
-  const void* v_cache;
+  void* k_cache;
+  void* v_cache;
   const int32_t* block_tables;  // [B, max_blocks]
-  const int32_t* context_lens;  // [B]
+  const int32_t* context_lens;  // [B], the new token included
   void* out;                    // [B, Hq, D]
   float* part_out;              // [B, Hq, num_splits, D], used when num_splits > 1
   float* part_lse;              // [B, Hq, num_splits], log2-sum-exp of each split
+  int32_t* counters;            // [B * Hkv] zeros when num_splits > 1; left at zero
+  const void* k_new;            // [B, Hkv, D] or null (no append)
+  const void* v_new;
+  const int64_t* slot_mapping;  // [B], with k_new
+  const int64_t* positions;     // [B], RoPE only
+  const float* cos;             // [P, D/2] or null (no RoPE)
+  const float* sin;
   float qk_scale;               // softmax scale * log2(e)
   int64_t stride_qb, stride_qh;
   int64_t stride_kb, stride_kt, stride_kh;
   int64_t stride_vb, stride_vt, stride_vh;
   int64_t stride_bt;
   int64_t stride_ob, stride_oh;
+  int64_t stride_knb, stride_knh, stride_vnb, stride_vnh;
+  int64_t stride_cos, stride_sin;
   int batch, num_heads, num_kv_heads, head_dim, block_size, num_splits;
 };
 

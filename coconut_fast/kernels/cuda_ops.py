@@ -5,7 +5,7 @@ import importlib
 
 import torch
 
-from ._common import expect
+from ._common import expect, expect_failed
 from .decode_attention import check_decode_args, decode_buffers
 from .kv_write import check_kv_args, check_rope_args
 from .latent_feedback import check_feedback_args
@@ -36,16 +36,25 @@ def expect_vector_rows(x: torch.Tensor, name: str, width: int) -> None:
 
 
 def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                                num_splits: int | None = None, out: torch.Tensor | None = None):
-    """CUDA twin of `paged_decode_attention` (split-K, 16-byte K/V loads, one block per GQA group)."""
-    check_decode_args(q, k_cache, v_cache, block_tables, context_lens, num_splits, out)
+                                num_splits: int | None = None, out: torch.Tensor | None = None, new_kv=None, rope=None,
+                                max_context: int | None = None, counters: torch.Tensor | None = None,
+                                check: bool = True):
+    """CUDA twin of `paged_decode_attention`, the same arguments (the step's k/v appended with new_kv, RoPE with
+    rope, the split merge in the launch): split-K, 16-byte K/V loads, one block per GQA group."""
+    if check:
+        check_decode_args(q, k_cache, v_cache, block_tables, context_lens, num_splits, out, new_kv, rope,
+                          max_context, counters)
     require_extension(q)
     Hq, D, Hkv = q.shape[1], q.shape[2], k_cache.shape[2]
-    expect(_C.decode_attention_supported(D, Hq // Hkv, q.dtype), "q",
-           "head_dim in (16, 32, 64, 128, 256) fitting 32 16-byte loads, and a GQA group <= 8", (D, Hq // Hkv))
-    num_splits, out, part_out, part_lse = decode_buffers(q, k_cache, block_tables, num_splits, out)
-    _C.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-                              float(scale), num_splits)
+    if check and not _C.decode_attention_supported(D, Hq // Hkv, q.dtype):
+        expect_failed("q", "head_dim in (16, 32, 64, 128, 256) fitting 32 16-byte loads, and a GQA group <= 8",
+                      (D, Hq // Hkv))
+    num_splits, out, part_out, part_lse, counters = decode_buffers(q, k_cache, block_tables, num_splits, out,
+                                                                   max_context, counters)
+    k_new, v_new, slot_mapping = new_kv if new_kv is not None else (None, None, None)
+    positions, cos, sin = rope if rope is not None else (None, None, None)
+    _C.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
+                              float(scale), num_splits, k_new, v_new, slot_mapping, positions, cos, sin)
     return out
 
 
