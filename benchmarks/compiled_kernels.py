@@ -48,7 +48,11 @@ AXES = {
     "rope_write_kv": dict(model=("llama-1b", "llama-8b"), block_size=(16, 32)),
     "add_norm": dict(model=tuple(MODELS), residual=(True, False)),
     "latent_feedback": dict(model=tuple(MODELS), block_size=(16, 32)),
+    # rows 1: split-K through the workspace (split_k_for); rows 64: one split, 64-row tiles (linear_act)
+    "linear_act": dict(model=tuple(MODELS), act=("none", "gelu_tanh", "silu_mul"), rows=(1, 64)),
+    "linear_add_norm": dict(model=tuple(MODELS), mlp=(False, True), rows=(1, 64)),
 }
+INTERMEDIATE = {"gpt2-124m": 3072, "llama-1b": 8192, "llama-8b": 14336}  # MLP widths of the fused-linear cases
 ATTENTION_KERNELS = ("_decode_kernel", "_prefill_kernel")
 
 
@@ -105,6 +109,9 @@ def call_wrapper(kernel: str, dtype_name: str, params: dict) -> None:
             K.paged_prefill_attention(q, cache, cache.clone(), tables, cu, lens, 0.1)
         return
     hidden, heads, kv_heads, head_dim, norm = MODELS[params["model"]]
+    if kernel in ("linear_act", "linear_add_norm"):
+        call_fused_linear(kernel, dtype, params)
+        return
     if kernel in ("write_kv", "rope_write_kv"):
         bs = params["block_size"]
         k = torch.randn(rows, kv_heads, head_dim).to(dtype)
@@ -130,6 +137,36 @@ def call_wrapper(kernel: str, dtype_name: str, params: dict) -> None:
     K.latent_feedback(x, x.clone(), weight, bias, 1e-5, norm == "rms", torch.empty_like(x), torch.empty_like(x),
                       positions, (positions + 1).to(torch.int32), positions.clone(),
                       torch.arange(rows * 8, dtype=torch.int32).view(rows, 8), params["block_size"])
+
+
+def call_fused_linear(kernel: str, dtype, params: dict) -> None:
+    """The model's projections: linear_act on qkv ("none"), the GPT-2 MLP input ("gelu_tanh", Conv1D layout) or
+    the fused gate/up ("silu_mul"); linear_add_norm on o_proj (mlp False) or the MLP output. The weights are
+    never read (torch.empty: the pages of the large ones are not touched)."""
+    import torch
+
+    from coconut_fast import kernels as K
+
+    hidden, heads, kv_heads, head_dim, norm = MODELS[params["model"]]
+    gpt2 = norm == "layer"
+    layout = "kn" if gpt2 else "nk"
+    inner = INTERMEDIATE[params["model"]]
+    rows = params["rows"]
+    if kernel == "linear_act":
+        act = params["act"]
+        n = {"none": (heads + 2 * kv_heads) * head_dim, "gelu_tanh": inner, "silu_mul": 2 * inner}[act]
+        layout = "kn" if act == "gelu_tanh" else layout
+        x = torch.randn(rows, hidden).to(dtype)
+        weight = torch.empty((hidden, n) if layout == "kn" else (n, hidden), dtype=dtype)
+        K.linear_act(x, weight, torch.zeros(n, dtype=dtype) if gpt2 else None, act, weight_layout=layout)
+        return
+    k = inner if params["mlp"] else hidden
+    x = torch.randn(rows, k).to(dtype)
+    weight = torch.empty((k, hidden) if layout == "kn" else (hidden, k), dtype=dtype)
+    residual = torch.randn(rows, hidden).to(dtype)
+    bias = torch.zeros(hidden, dtype=dtype) if gpt2 else None
+    K.linear_add_norm(x, weight, bias, residual, torch.ones(hidden, dtype=dtype), bias, 1e-5, not gpt2,
+                      weight_layout=layout)
 
 
 def record_launches(kernel: str, dtype: str, params: dict) -> list[tuple]:

@@ -7,6 +7,7 @@ import torch
 
 from ._common import HAS_TRITON
 from .decode_attention import paged_decode_attention, paged_decode_attention_reference
+from .fused_linear import linear_act, linear_act_reference, linear_add_norm, linear_add_norm_reference
 from .cuda_ops import (cuda_kernels_available, latent_feedback_cuda, paged_decode_attention_cuda,
                        rope_write_kv_cuda, write_kv_cuda)
 from .kv_write import rope_write_kv, rope_write_kv_reference, write_kv, write_kv_reference
@@ -36,6 +37,10 @@ __all__ = [
     "add_layer_norm_reference",
     "latent_feedback",
     "latent_feedback_reference",
+    "linear_act",
+    "linear_act_reference",
+    "linear_add_norm",
+    "linear_add_norm_reference",
     "cuda_kernels_available",
     "paged_decode_attention_cuda",
     "write_kv_cuda",
