@@ -9,7 +9,9 @@ import torch
 
 KERNEL_CHOICES = ("auto", "triton", "cuda", "torch")
 KERNEL_NAMES = ("write_kv", "rope_write_kv", "paged_decode_attention", "paged_prefill_attention",
-                "add_rms_norm", "add_layer_norm", "latent_feedback")
+                "add_rms_norm", "add_layer_norm", "latent_feedback", "linear_act", "linear_add_norm")
+# steps of at most this many rows run the fused-epilogue GEMMs; longer prefills the library GEMMs
+FUSED_MAX_ROWS = 256
 CUDA_KERNEL_NAMES = ("write_kv", "rope_write_kv", "paged_decode_attention", "latent_feedback")
 
 

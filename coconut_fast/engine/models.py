@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..families import FAMILIES, LLAMA_FAMILY
 from .fused_weights import fuse_linears
 from .kv_cache import PagedKVCache
-from .layers import PagedAttention, StepMetadata, rope_table
+from .layers import FUSED_MAX_ROWS, PagedAttention, StepMetadata, rope_table
 
 
 def sliding_window(config) -> int | None:
@@ -45,6 +45,7 @@ class LlamaForward:
         self.attention = PagedAttention(kernels, first.scaling)
         self.cos, self.sin = rope_table(base.rotary_emb, max_positions, causal_lm.device)
         self.num_heads = config.num_attention_heads
+        self.silu = getattr(config, "hidden_act", None) == "silu"
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             fuse_linears(attn, "qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
@@ -65,23 +66,42 @@ class LlamaForward:
                                      meta.block_tables, block_size)
 
     def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
-        """All layers; returns the last layer's output and residual, before the final norm."""
-        ops = self.kernels
+        """All layers; returns the last layer's output and residual, before the final norm.
+
+        Each projection before a norm (o_proj, and down_proj before the next layer's input norm) runs with the
+        residual add and the norm as one launch on steps of at most FUSED_MAX_ROWS rows."""
         T, D, Hq, Hkv = embeds.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
-        hidden, residual = embeds, None
+        fused = T <= FUSED_MAX_ROWS
+        pending, down, residual = embeds, None, None
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            x, residual = ops.add_rms_norm(hidden, residual, layer.input_layernorm.weight, self.eps)
+            x, residual = self.add_norm(pending, down, residual, layer.input_layernorm, fused)
             q, k, v = F.linear(x, *attn.qkv_proj).view(T, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=1)
             if self.qk_norm:
                 q, k = self.head_norm(q, attn.q_norm), self.head_norm(k, attn.k_norm)
-            q = ops.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions, self.cos, self.sin)
+            q = self.kernels.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions,
+                                           self.cos, self.sin)
             out = self.attention(q, cache.k[i], cache.v[i], meta)
-            hidden = attn.o_proj(out.view(T, -1))
-            x, residual = ops.add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)
-            gate, up = F.linear(x, *mlp.gate_up_proj).chunk(2, dim=-1)
-            hidden = mlp.down_proj(mlp.act_fn(gate) * up)
-        return hidden, residual
+            x, residual = self.add_norm(out.view(T, -1), attn.o_proj, residual, layer.post_attention_layernorm, fused)
+            pending, down = self.gate_up_act(mlp, x, fused), mlp.down_proj
+        return down(pending), residual
+
+    def add_norm(self, x, linear, residual, norm, fused: bool):
+        """(norm(linear(x) + residual), the sum); `linear=None` adds x itself."""
+        ops = self.kernels
+        if linear is None:
+            return ops.add_rms_norm(x, residual, norm.weight, self.eps)
+        if fused:
+            return ops.linear_add_norm(x, linear.weight, linear.bias, residual, norm.weight, None, self.eps, True,
+                                       weight_layout="nk")
+        return ops.add_rms_norm(linear(x), residual, norm.weight, self.eps)
+
+    def gate_up_act(self, mlp, x, fused: bool):
+        """act(gate(x)) * up(x) from the fused gate/up matrix: SiLU-and-multiply as the GEMM's epilogue."""
+        if fused and self.silu:
+            return self.kernels.linear_act(x, *mlp.gate_up_proj, "silu_mul", weight_layout="nk")
+        gate, up = F.linear(x, *mlp.gate_up_proj).chunk(2, dim=-1)
+        return mlp.act_fn(gate) * up
 
 
 class GPT2Forward:
@@ -111,25 +131,40 @@ class GPT2Forward:
                                      meta.slot_mapping, meta.block_tables, block_size)
 
     def body(self, embeds: torch.Tensor, meta: StepMetadata, cache: PagedKVCache):
-        """All layers; returns the last layer's output and residual, before ln_f."""
-        ops = self.kernels
-        T, H, D = embeds.shape[0], self.hidden, self.head_dim
-        hidden, residual = embeds, self.wpe(meta.positions)  # the first norm adds the position embeddings
-        for i, layer in enumerate(self.layers):
-            x, residual = ops.add_layer_norm(hidden, residual, layer.ln_1.weight, layer.ln_1.bias, self.eps)
-            q, k, v = layer.attn.c_attn(x).view(T, 3, -1, D).unbind(1)
-            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
-            out = self.attention[i](q, cache.k[i], cache.v[i], meta)
-            hidden = layer.attn.c_proj(out.view(T, H))
-            x, residual = ops.add_layer_norm(hidden, residual, layer.ln_2.weight, layer.ln_2.bias, self.eps)
-            hidden = layer.mlp.c_proj(self.mlp_act(layer.mlp, x))
-        return hidden, residual
+        """All layers; returns the last layer's output and residual, before ln_f.
 
-    def mlp_act(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        """act(c_fc(x)); HF's gelu_new as one tanh-GELU op instead of its eight element-wise ones."""
-        if self.tanh_gelu:
-            return F.gelu(mlp.c_fc(x), approximate="tanh")
-        return mlp.act(mlp.c_fc(x))
+        The position embeddings enter through the first norm's residual add; each projection before a norm
+        (attention c_proj, and the MLP's c_proj before the next ln_1) runs with the residual add and the norm,
+        and c_fc with its GELU, as one launch on steps of at most FUSED_MAX_ROWS rows."""
+        T, H, D = embeds.shape[0], self.hidden, self.head_dim
+        fused = T <= FUSED_MAX_ROWS
+        pending, down, residual = embeds, None, self.wpe(meta.positions)
+        for i, layer in enumerate(self.layers):
+            x, residual = self.add_norm(pending, down, residual, layer.ln_1, fused)
+            q, k, v = layer.attn.c_attn(x).view(T, 3, -1, D).unbind(1)
+            self.kernels.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
+            out = self.attention[i](q, cache.k[i], cache.v[i], meta)
+            x, residual = self.add_norm(out.view(T, H), layer.attn.c_proj, residual, layer.ln_2, fused)
+            pending, down = self.mlp_act(layer.mlp, x, fused), layer.mlp.c_proj
+        return down(pending), residual
+
+    def add_norm(self, x, linear, residual, norm, fused: bool):
+        """(norm(linear(x) + residual), the sum); `linear=None` adds x itself. Conv1D weights are [in, out]."""
+        ops = self.kernels
+        if linear is None:
+            return ops.add_layer_norm(x, residual, norm.weight, norm.bias, self.eps)
+        if fused:
+            return ops.linear_add_norm(x, linear.weight, linear.bias, residual, norm.weight, norm.bias, self.eps,
+                                       False, weight_layout="kn")
+        return ops.add_layer_norm(linear(x), residual, norm.weight, norm.bias, self.eps)
+
+    def mlp_act(self, mlp, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        """act(c_fc(x)); HF's gelu_new (eight element-wise ops) as the GEMM's epilogue, or one tanh-GELU op."""
+        if not self.tanh_gelu:
+            return mlp.act(mlp.c_fc(x))
+        if fused:
+            return self.kernels.linear_act(x, mlp.c_fc.weight, mlp.c_fc.bias, "gelu_tanh", weight_layout="kn")
+        return F.gelu(mlp.c_fc(x), approximate="tanh")
 
 
 def build_forward(causal_lm, kernels: SimpleNamespace, max_positions: int):

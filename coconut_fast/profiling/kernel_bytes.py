@@ -52,7 +52,21 @@ def latent_feedback(x, residual, weight, bias, eps, rms, thought_out, next_embed
     return nbytes(x) + nbytes(residual) + nbytes(weight) + nbytes(bias) + 2 * nbytes(thought_out) + 2 * meta
 
 
+def linear_act(*args, **kwargs) -> int:
+    from ..kernels.fused_linear import linear_act_bytes
+
+    return linear_act_bytes(*args, **kwargs)
+
+
+def linear_add_norm(*args, **kwargs) -> int:
+    from ..kernels.fused_linear import linear_add_norm_bytes
+
+    return linear_add_norm_bytes(*args, **kwargs)
+
+
 KERNEL_BYTES = {
+    "linear_act": linear_act,
+    "linear_add_norm": linear_add_norm,
     "paged_decode_attention": decode_attention,
     "paged_prefill_attention": prefill_attention,
     "write_kv": write_kv,
