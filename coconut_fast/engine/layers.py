@@ -54,27 +54,37 @@ class StepMetadata:
     context_lens: torch.Tensor  # int32 [B], including this step's positions
     num_decode: int  # the first num_decode sequences (and rows) are single-position
     prefill_cu_seqlens: torch.Tensor  # int32 [B - num_decode + 1], offsets of the prefill rows
+    max_context: int | None = None  # the longest context of the step (host-side; None: the tables' capacity)
 
 
 class PagedAttention:
-    """Attends the step's queries over the cache (decode and prefill rows apart); the forward has written the
-    step's K/V into the cache before."""
+    """Writes the step's new K/V into the cache and attends over it: single-position (decode) rows in one launch
+    that appends their K/V (and rotates q and k with RoPE when given the tables), prefill rows through the cache
+    write and the prefill kernel. Q, K and V may be strided views of one projection output."""
 
     def __init__(self, kernels: SimpleNamespace, scale: float):
         self.kernels = kernels
         self.scale = scale
 
-    def __call__(self, q, k_cache, v_cache, meta: StepMetadata) -> torch.Tensor:
-        """q [T, Hq, D] (a strided view is fine) -> out [T, Hq, D], each kind of row written in place."""
-        nd = meta.num_decode
+    def __call__(self, q, k, v, k_cache, v_cache, meta: StepMetadata, rope=None, check: bool = True) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D]; `rope` = (cos, sin) tables for the Llama family."""
+        ops, nd = self.kernels, meta.num_decode
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
-            self.kernels.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                                meta.context_lens[:nd], self.scale, out=out[:nd])
+            ops.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.scale, out=out[:nd],
+                new_kv=(k[:nd], v[:nd], meta.slot_mapping[:nd]),
+                rope=None if rope is None else (meta.positions[:nd], *rope), max_context=meta.max_context,
+                check=check)
         if nd < q.shape[0]:
-            self.kernels.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:],
-                                                 meta.prefill_cu_seqlens, meta.context_lens[nd:], self.scale,
-                                                 out=out[nd:])
+            slots = meta.slot_mapping[nd:]
+            if rope is None:
+                ops.write_kv(k[nd:], v[nd:], k_cache, v_cache, slots)
+                rows = q[nd:]
+            else:
+                rows = ops.rope_write_kv(q[nd:], k[nd:], v[nd:], k_cache, v_cache, slots, meta.positions[nd:], *rope)
+            ops.paged_prefill_attention(rows, k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens,
+                                        meta.context_lens[nd:], self.scale, out=out[nd:])
         return out
 
 

@@ -86,6 +86,7 @@ class ModelRunner:
             context_lens=ints[B * width : B * width + B],
             num_decode=B - (len(cu_seqlens) - 1),
             prefill_cu_seqlens=ints[B * width + B :],
+            max_context=max(context_lens),
         )
         if len(thoughts) == n:  # every input is a thought (a latent step): no token to look up
             return torch.stack(thoughts).to(self.dtype), meta

@@ -79,9 +79,7 @@ class LlamaForward:
             q, k, v = F.linear(x, *attn.qkv_proj).view(T, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=1)
             if self.qk_norm:
                 q, k = self.head_norm(q, attn.q_norm), self.head_norm(k, attn.k_norm)
-            q = self.kernels.rope_write_kv(q, k, v, cache.k[i], cache.v[i], meta.slot_mapping, meta.positions,
-                                           self.cos, self.sin)
-            out = self.attention(q, cache.k[i], cache.v[i], meta)
+            out = self.attention(q, k, v, cache.k[i], cache.v[i], meta, rope=(self.cos, self.sin), check=i == 0)
             x, residual = self.add_norm(out.view(T, -1), attn.o_proj, residual, layer.post_attention_layernorm, fused)
             pending, down = self.gate_up_act(mlp, x, fused), mlp.down_proj
         return down(pending), residual
@@ -142,8 +140,7 @@ class GPT2Forward:
         for i, layer in enumerate(self.layers):
             x, residual = self.add_norm(pending, down, residual, layer.ln_1, fused)
             q, k, v = layer.attn.c_attn(x).view(T, 3, -1, D).unbind(1)
-            self.kernels.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
-            out = self.attention[i](q, cache.k[i], cache.v[i], meta)
+            out = self.attention[i](q, k, v, cache.k[i], cache.v[i], meta, check=i == 0)
             x, residual = self.add_norm(out.view(T, H), layer.attn.c_proj, residual, layer.ln_2, fused)
             pending, down = self.mlp_act(layer.mlp, x, fused), layer.mlp.c_proj
         return down(pending), residual

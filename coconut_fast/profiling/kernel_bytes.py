@@ -21,9 +21,18 @@ def live_kv(k_cache, context_lens) -> int:
     return 2 * int(context_lens.sum()) * row_bytes(k_cache)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, out=None) -> int:
-    """q in, out back, the live K/V and block tables read once."""
-    return 2 * nbytes(q) + live_kv(k_cache, context_lens) + nbytes(block_tables) + nbytes(context_lens)
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, out=None,
+                     new_kv=None, rope=None, **_) -> int:
+    """q in, out back, the live K/V and block tables read once; an appended token's k and v read and written
+    (its cached copy is not read back), a cos/sin row per row with RoPE."""
+    moved = 2 * nbytes(q) + live_kv(k_cache, context_lens) + nbytes(block_tables) + nbytes(context_lens)
+    if new_kv is not None:
+        k, v, slots = new_kv
+        moved += (nbytes(k) + nbytes(v)) + nbytes(slots)  # written where the read of the cached copy would be
+    if rope is not None:
+        positions, cos, _ = rope
+        moved += nbytes(positions) + 2 * positions.numel() * cos.shape[1] * cos.element_size()
+    return moved
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out=None) -> int:

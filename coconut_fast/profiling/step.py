@@ -29,7 +29,7 @@ SHAPES = {
 }
 PROFILE_FAMILIES = ("gpt2", "llama")
 KERNELS = ("triton", "cuda", "torch")
-STEPS = 24  # thoughts and new tokens per request: 23 steps of each kind are timed
+STEPS = 24  # thoughts and new tokens per request: 21 steps of each kind are timed, 2 counted
 
 
 def build_model(family: str, shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> CoconutModel:
@@ -118,15 +118,16 @@ def stub_compute(runner) -> None:
 
 
 def count_step(llm, phase: Phase, forward, lm_head) -> dict:
-    """Launches and kernel bytes of the next step, run once under the counter with the real `forward` and
-    `lm_head`."""
+    """Launches and kernel bytes of a step, run under the counter with the real `forward` and `lm_head`, after one
+    real step of the same kind (so buffers the kernels allocate once, such as split-K counters, exist already)."""
     runner, ops = llm.runner, llm.runner.kernels
     saved, timed = dict(vars(ops)), (runner.forward, runner.lm_head)
-    counter = LaunchCounter()
-    counter.wrap_kernels(ops)
-    floor = floor_bytes(llm.coconut.model, llm, phase)
     runner.forward, runner.lm_head = forward, lm_head
     try:
+        llm.step()  # the warm-up step
+        counter = LaunchCounter()
+        counter.wrap_kernels(ops)
+        floor = floor_bytes(llm.coconut.model, llm, phase)
         with counting_triton_launches(counter), counter:
             llm.step()
     finally:
@@ -176,7 +177,7 @@ def profile_step(family: str, shape: str, batch: int, kernels: str = "triton", c
         single = all(seq.next_chunk_end() == seq.num_computed + 1 for seq in running)
         phase = phases.pop() if len(phases) == 1 and single and len(running) == batch else None
         if phase in host and phase not in counted and len(host[phase]) == STEPS // 2:
-            counted[phase] = count_step(llm, phase, forward, lm_head)  # one of each kind, midway
+            counted[phase] = count_step(llm, phase, forward, lm_head)  # two of each kind, midway
             continue
         clock.compute, start = 0.0, time.perf_counter()
         llm.step()
