@@ -26,7 +26,10 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--kernels", default="triton", choices=("triton", "cuda", "torch"))
     parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--only", action="append", default=None, metavar="FAMILY:SHAPE:BATCH",
+                        help="profile only these cases (repeatable); default: all four")
     args = parser.parse_args()
+    cases = [c for c in CASES if args.only is None or f"{c[0]}:{c[1]}:{c[2]}" in args.only]
     import transformers
     import triton
 
@@ -38,7 +41,7 @@ def main() -> int:
               "transformers": transformers.__version__, "triton": triton.__version__,
               "note": "CPU: Triton kernels interpreted; host_us with the model's compute stubbed; the machine "
                       "was shared with other jobs, so host times are pessimistic", "profiles": []}
-    for family, shape, batch in CASES:
+    for family, shape, batch in cases:
         start = time.perf_counter()
         result = profile_step(family, shape, batch, args.kernels, args.context)
         result["seconds"] = time.perf_counter() - start

@@ -157,6 +157,15 @@ def check_context(coconut, width: int, max_new_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------- the torch backend
+def pick_tokens(logits: torch.Tensor, warpers: list | None) -> torch.Tensor:
+    """Greedy argmax, or a draw from the warped distribution (transformers' warpers, the global RNG)."""
+    if warpers is None:
+        return logits.argmax(-1)
+    for warp in warpers:
+        logits = warp(None, logits)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
 def generate_torch(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """New tokens [B, n] (pad after each EOS) and thoughts [k_b, H]: the Coconut passes over the prompts, then
     one cached step per token."""
@@ -176,13 +185,7 @@ def generate_torch(coconut, batch: Prepared) -> tuple[torch.Tensor, list[torch.T
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1] + 1
     for step in range(batch.max_new_tokens):
-        if warpers is None:
-            token = logits.argmax(-1)
-        else:
-            for warp in warpers:
-                logits = warp(None, logits)
-            token = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-        token = torch.where(unfinished, token, batch.pad)
+        token = torch.where(unfinished, pick_tokens(logits, warpers), batch.pad)
         new_tokens.append(token)
         unfinished &= ~torch.isin(token, eos)
         if step + 1 == batch.max_new_tokens or not unfinished.any():
@@ -268,14 +271,7 @@ def generate_torch_auto(coconut, batch: Prepared) -> tuple[torch.Tensor, list[to
     while True:
         token = torch.full((B,), batch.pad, dtype=torch.long, device=device)
         if answering.any():
-            logits = lm_head(h).float()
-            if warpers is None:
-                picked = logits.argmax(-1)
-            else:
-                for warp in warpers:
-                    logits = warp(None, logits)
-                picked = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-            token = torch.where(answering, picked, token)
+            token = torch.where(answering, pick_tokens(lm_head(h).float(), warpers), token)
             rows = answering.nonzero().flatten()
             new_tokens[rows, num_new[rows]] = token[rows]
             num_new += answering.long()
