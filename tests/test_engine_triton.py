@@ -9,6 +9,7 @@ import torch
 
 from coconut_fast.engine import LLM, Phase, SamplingParams
 from coconut_fast.kernels import triton_enabled
+from coconut_fast.tiny import FAMILIES
 from engine_helpers import assert_all_blocks_free, assert_matches_reference, engine_model, full_prompt
 
 pytestmark = [pytest.mark.skipif(not triton_enabled(), reason="needs triton with CUDA or TRITON_INTERPRET=1"),
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.skipif(not triton_enabled(), reason="needs triton with
 QUESTIONS, COUNTS, NEW_TOKENS = [[5, 6, 7, 8], [1, 2], [12, 13, 14]], [0, 3, 1], 4
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_interpreted_kernels_match_reference_with_mixed_phases_and_preemption(family):
     cm = engine_model(family)
     # 8 blocks of 2: step 3 holds all three requests (decode, latent, prefill), then the
