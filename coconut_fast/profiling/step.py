@@ -61,13 +61,15 @@ def build_model(family: str, shape: str, dtype: torch.dtype, device: str, seed: 
 
 
 class StepClock:
-    """Wall time of each step, and of the model's compute inside it (the forward and the LM head)."""
+    """Wall time of each step, and of the model's compute inside it: the forward, the LM head and the token
+    choice (argmax or the warped draw: device kernels, on CPU as long as a small GEMM at a large vocabulary)."""
 
     def __init__(self, runner, device: torch.device):
         self.device, self.compute = device, 0.0
         self.events: list = []
         runner.forward = self.timed(runner.forward, events=True)
         runner.lm_head = self.timed(runner.lm_head)
+        runner.sample = self.timed(runner.sample)
 
     def sync(self):
         if self.device.type == "cuda":
