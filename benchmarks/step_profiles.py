@@ -28,6 +28,8 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--only", action="append", default=None, metavar="FAMILY:SHAPE:BATCH",
                         help="profile only these cases (repeatable); default: all four")
+    parser.add_argument("--count-only", action="store_true",
+                        help="count the Triton launches of the counted steps without running them (see profile_step)")
     args = parser.parse_args()
     cases = [c for c in CASES if args.only is None or f"{c[0]}:{c[1]}:{c[2]}" in args.only]
     import transformers
@@ -43,7 +45,7 @@ def main() -> int:
                       "was shared with other jobs, so host times are pessimistic", "profiles": []}
     for family, shape, batch in cases:
         start = time.perf_counter()
-        result = profile_step(family, shape, batch, args.kernels, args.context)
+        result = profile_step(family, shape, batch, args.kernels, args.context, execute_kernels=not args.count_only)
         result["seconds"] = time.perf_counter() - start
         record["profiles"].append(result)
         print(f"{family} {shape} batch {batch}: latent {result['latent']['launches_per_layer']:.1f} launches/layer, "

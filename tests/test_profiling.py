@@ -74,3 +74,30 @@ def test_bad_arguments_are_named():
         profile_step("qwen9", "tiny", 1, kernels="torch")
     with pytest.raises(ValueError, match="context must be in"):
         profile_step("gpt2", "tiny", 1, kernels="torch", context=10_000)
+
+
+@pytest.mark.skipif(not triton_enabled(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("family,batch", [("gpt2", 1), ("llama", 3)])
+def test_count_only_counts_what_the_executed_kernels_count(family, batch):
+    # the launches and byte models read launch arguments only: not running the Triton kernels changes nothing
+    ran = profile_step(family, "tiny", batch, kernels="triton", context=8)
+    counted = profile_step(family, "tiny", batch, kernels="triton", context=8, execute_kernels=False)
+    assert ran["kernels_executed"] and not counted["kernels_executed"]
+    for key in ("latent", "decode"):
+        assert counted[key]["by_kind"] == ran[key]["by_kind"]
+        assert counted[key]["floor_bytes"] == ran[key]["floor_bytes"]
+        assert any(kind not in ("embedding", "addmm", "mm", "stack", "argmax") for kind in counted[key]["by_kind"])
+
+
+def test_count_only_does_not_run_the_triton_launches():
+    from triton.runtime.jit import KernelInterface
+
+    calls = []
+    kernel = type("K", (KernelInterface,), {"run": lambda self, *a, grid=None, warmup=False, **k: calls.append(a)})()
+    counter = LaunchCounter()
+    with counting_triton_launches(counter, execute=False):
+        kernel[(1,)](1, 2)
+    assert calls == [] and counter.count.launches == 1
+    with counting_triton_launches(counter, execute=True):
+        kernel[(1,)](1, 2)
+    assert calls == [(1, 2)] and counter.count.launches == 2

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=64, help="prompt tokens per request (default 64)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--count-only", action="store_true",
+                        help="count the Triton launches of the counted steps without running them (same counts and "
+                             "bytes: they read only launch arguments; for big shapes under the interpreter)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the profile here")
 
 
@@ -30,7 +33,8 @@ def run(args) -> int:
     from .step import profile_step
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    result = profile_step(args.family, args.shape, args.batch, args.kernels, args.context, dtype)
+    result = profile_step(args.family, args.shape, args.batch, args.kernels, args.context, dtype,
+                          execute_kernels=not args.count_only)
     for key in ("latent", "decode"):
         r = result[key]
         print(f"{key:>6}: {r['launches']} launches ({r['launches_per_layer']:.1f} per layer), "

@@ -147,8 +147,11 @@ class LaunchCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting_triton_launches(counter: LaunchCounter):
-    """Inside: every Triton launch is one launch of the current kernel, and its own host work is not counted."""
+def counting_triton_launches(counter: LaunchCounter, execute: bool = True):
+    """Inside: every Triton launch is one launch of the current kernel, and its own host work is not counted.
+
+    `execute=False` counts the launches without running them (their outputs keep whatever the wrapper
+    allocated): launches and byte models depend on the launch arguments only, never on tensor values."""
     try:
         from triton.runtime.jit import KernelInterface
     except ImportError:
@@ -162,6 +165,8 @@ def counting_triton_launches(counter: LaunchCounter):
         def counted(*args, **kwargs):
             if not counter.paused:
                 counter.count.add(counter.kernel[-1] if counter.kernel else "triton", 1, 0)
+            if not execute:
+                return None
             with counter.pause():
                 return launch(*args, **kwargs)
 

@@ -5,8 +5,9 @@ lockstep into a thought block, and profiles a latent step (every row one thought
 row one token): launches and kernel bytes by the rule of `launches.py` on one step of each kind, the byte
 floor of the step, and the host time outside the model's compute (median over every step of the kind).
 On CPU the timed steps run with the model's compute stubbed out (`compute_stubbed`): the host work
-(scheduling, metadata, sampling, post-processing) is the same, and the big shapes profile in minutes
-under the Triton interpreter; the counted steps always run the real kernels.
+(scheduling, metadata, sampling, post-processing) is the same. The counted steps run the real kernels, or,
+with `execute_kernels=False`, count the Triton launches without running them: the counts and byte models
+read only launch arguments, and the big shapes would take hours under the interpreter.
 """
 from __future__ import annotations
 
@@ -119,18 +120,20 @@ def stub_compute(runner) -> None:
     runner.lm_head = lambda hidden: hidden.new_zeros(hidden.shape[0], vocab)
 
 
-def count_step(llm, phase: Phase, forward, lm_head) -> dict:
+def count_step(llm, phase: Phase, forward, lm_head, execute: bool = True) -> dict:
     """Launches and kernel bytes of a step, run under the counter with the real `forward` and `lm_head`, after one
-    real step of the same kind (so buffers the kernels allocate once, such as split-K counters, exist already)."""
+    real step of the same kind (so buffers the kernels allocate once, such as split-K counters, exist already).
+    `execute=False` counts the Triton launches of both steps without running them (see counting_triton_launches)."""
     runner, ops = llm.runner, llm.runner.kernels
     saved, timed = dict(vars(ops)), (runner.forward, runner.lm_head)
     runner.forward, runner.lm_head = forward, lm_head
     try:
-        llm.step()  # the warm-up step
+        with counting_triton_launches(LaunchCounter(), execute):
+            llm.step()  # the warm-up step
         counter = LaunchCounter()
         counter.wrap_kernels(ops)
         floor = floor_bytes(llm.coconut.model, llm, phase)
-        with counting_triton_launches(counter), counter:
+        with counting_triton_launches(counter, execute), counter:
             llm.step()
     finally:
         vars(ops).update(saved)
@@ -144,9 +147,10 @@ def count_step(llm, phase: Phase, forward, lm_head) -> dict:
 
 def profile_step(family: str, shape: str, batch: int, kernels: str = "triton", context: int = 64,
                  dtype: torch.dtype | None = None, device: str | None = None, seed: int = 0,
-                 stub: bool | None = None) -> dict:
+                 stub: bool | None = None, execute_kernels: bool = True) -> dict:
     """The step profile of `family` at `shape` with `batch` requests of `context` prompt tokens; `stub`
-    (default: on CPU) times the steps with the model's compute stubbed out."""
+    (default: on CPU) times the steps with the model's compute stubbed out; `execute_kernels=False` counts
+    the Triton launches of the counted steps without running them (the big shapes under the interpreter)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -179,7 +183,7 @@ def profile_step(family: str, shape: str, batch: int, kernels: str = "triton", c
         single = all(seq.next_chunk_end() == seq.num_computed + 1 for seq in running)
         phase = phases.pop() if len(phases) == 1 and single and len(running) == batch else None
         if phase in host and phase not in counted and len(host[phase]) == STEPS // 2:
-            counted[phase] = count_step(llm, phase, forward, lm_head)  # two of each kind, midway
+            counted[phase] = count_step(llm, phase, forward, lm_head, execute_kernels)  # two of each kind, midway
             continue
         clock.compute, start = 0.0, time.perf_counter()
         llm.step()
@@ -190,7 +194,8 @@ def profile_step(family: str, shape: str, batch: int, kernels: str = "triton", c
     result = {"family": family, "shape": shape, "batch": batch, "layers": cm.config.num_hidden_layers,
               "kernels": llm.runner.kernels.name, "context": context, "dtype": str(dtype).replace("torch.", ""),
               "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
-              "threads": torch.get_num_threads(), "compute_stubbed": stub}
+              "threads": torch.get_num_threads(), "compute_stubbed": stub,
+              "kernels_executed": execute_kernels or llm.runner.kernels.name != "triton"}
     for phase, key in ((Phase.LATENT, "latent"), (Phase.DECODE, "decode")):
         result[key] = {**counted[phase], "host_us": 1e6 * statistics.median(host[phase]),
                        "compute_us": 1e6 * statistics.median(compute[phase]), "timed_steps": len(host[phase])}
