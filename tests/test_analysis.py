@@ -299,6 +299,10 @@ def test_read_step_checks_the_edge():
     answer = read_step(graph, f"### {sym[record['root']]} is a {sym[record['target']]}.")
     assert answer["object"] == record["target"] and answer["object_leads_to_target"]
     assert read_step(graph, "something else")["subject"] is None
+    terse = read_step(graph, f"Every {sym[p]} {sym[c]}.")
+    assert (terse["subject"], terse["object"], terse["is_edge"]) == (p, c, True)
+    assert not read_step(graph, f"Every {sym[c]} {sym[p]}.")["is_edge"]
+    assert read_step(graph, f"### {sym[record['root']]} {sym[record['target']]}.")["object_leads_to_target"]
 
 
 # ---------------------------------------------------------------- outputs

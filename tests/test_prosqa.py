@@ -114,6 +114,23 @@ def test_step_bounds_and_knobs():
         assert all(s in words or s in "Ann Bo Cy Di Ed Flo Gus".split() for s in r["idx_to_symbol"])
 
 
+def test_terse_wording_writes_the_same_graphs_without_is_a():
+    prosqa = generate_prosqa(40, seed=5, min_steps=1, max_steps=3, min_nodes=6, max_nodes=9)
+    terse = generate_prosqa(40, seed=5, min_steps=1, max_steps=3, min_nodes=6, max_nodes=9, wording="terse")
+    for p, t in zip(prosqa, terse):
+        assert {k: v for k, v in p.items() if k not in ("question", "answer", "steps")} == \
+            {k: v for k, v in t.items() if k not in ("question", "answer", "steps")}
+        sym = t["idx_to_symbol"]
+        # each fact is the two symbols side by side; the question sentence is the official one
+        assert t["answer"] == f"{sym[t['root']]} {sym[t['target']]}."
+        assert [x.replace(" is a ", " ") for x in p["steps"]] == t["steps"]
+        assert p["question"].replace(" is a ", " ") == t["question"]
+        assert " is a " not in t["question"] and t["question"].rsplit(". ", 1)[-1] == p["question"].rsplit(". ", 1)[-1]
+        assert t["question"].rsplit(". ", 1)[-1].startswith(f"Is {sym[t['root']]} a ")
+    with pytest.raises(ValueError, match="wording must be one of .'prosqa', 'terse'., got 'plain'"):
+        generate_prosqa(1, wording="plain")
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError):
         generate_prosqa(-1)

@@ -152,7 +152,7 @@ def frontier_masses(probs: torch.Tensor, token_ids: list[int], lead: list[int], 
 
 
 def read_step(graph: ProsQAGraph, text: str) -> dict:
-    """The nodes a language step "[Every] A is a B." names, and whether A -> B is an edge of the graph.
+    """The nodes a language step "[Every] A is a B." (or tersely "[Every] A B.") names, and whether A -> B is an edge of the graph.
 
     `subject`/`object` are node indices (None when the word is not a node or the step has another form)."""
     words = text.replace("#", " ").strip().rstrip(".").split()
@@ -162,6 +162,8 @@ def read_step(graph: ProsQAGraph, text: str) -> dict:
     subject = obj = None
     if len(words) == 4 and words[1:3] in (["is", "a"], ["is", "an"]):
         subject, obj = index.get(words[0]), index.get(words[3])
+    elif len(words) == 2:  # the terse wording: "[Every] A B."
+        subject, obj = index.get(words[0]), index.get(words[1])
     is_edge = subject is not None and obj is not None and obj in graph.children[subject]
     lead = graph.leading_to_target()
     return {

@@ -30,6 +30,10 @@ _VOWELS = ("a", "e", "i", "o", "u", "oo")
 _CODAS = ("mpus", "rpus", "lpus")
 FACT_ENTITY = "{} is a {}."
 FACT_CONCEPT = "Every {} is a {}."
+# (entity fact, concept fact) per wording: "prosqa" as the official data; "terse" puts each concept right
+# after the word it belongs to ("Rex brompus.", "Every brompus trampus."), a binding a small model from
+# scratch learns in a few hundred steps, where "is a" between them takes it thousands
+WORDINGS = {"prosqa": (FACT_ENTITY, FACT_CONCEPT), "terse": ("{} {}.", "Every {} {}.")}
 
 
 def concept_vocabulary(size: int = 38, seed: int = 1234) -> list[str]:
@@ -97,7 +101,7 @@ def bfs_distances(children: list[list[int]], source: int) -> dict[int, int]:
     return dist
 
 
-def _try_record(rng, n, shape, min_steps, max_steps, names, concepts) -> dict | None:
+def _try_record(rng, n, shape, min_steps, max_steps, names, concepts, wording="prosqa") -> dict | None:
     """One record on a fresh graph of n nodes, or None when the graph does not fit the constraints."""
     parents, labels = _grow_dag(rng, n, *shape)
     has_child = [False] * n
@@ -137,8 +141,10 @@ def _try_record(rng, n, shape, min_steps, max_steps, names, concepts) -> dict | 
     for i in range(n):
         symbols.append(next(e) if not parents[i] else next(c))
 
+    fact_entity, fact_concept = WORDINGS[wording]
+
     def fact(a: int, b: int) -> str:
-        return (FACT_CONCEPT if parents[a] else FACT_ENTITY).format(symbols[a], symbols[b])
+        return (fact_concept if parents[a] else fact_entity).format(symbols[a], symbols[b])
 
     edges = [[p, i] for i in range(n) for p in parents[i]]
     facts = [fact(a, b) for a, b in edges]
@@ -154,7 +160,7 @@ def _try_record(rng, n, shape, min_steps, max_steps, names, concepts) -> dict | 
     question = " ".join(facts) + f" Is {symbols[root]} a {options[0]} or {options[1]}?"
     return {
         "question": question,
-        "answer": FACT_ENTITY.format(symbols[root], symbols[target]),
+        "answer": fact_entity.format(symbols[root], symbols[target]),
         "steps": [fact(a, b) for a, b in zip(path, path[1:])],
         "idx_to_symbol": symbols,
         "edges": edges,
@@ -179,14 +185,18 @@ def generate_prosqa(
     names: Sequence[str] = NAMES,
     concepts: Sequence[str] | None = None,
     max_tries: int = 10_000,
+    wording: str = "prosqa",
 ) -> list[dict]:
     """`num_records` ProsQA-style records, identical for identical arguments.
 
     Graphs are grown with min_nodes..max_nodes nodes (before dropping unconnected ones), each node
     drawing Poisson(mean_parents) parents; p_side is the chance a node may only descend from one key
     entity (for each of the two); depth_weight favours deep parents, which lengthens the chains.
-    Records whose reasoning path is not min_steps..max_steps long are drawn again.
+    Records whose reasoning path is not min_steps..max_steps long are drawn again. `wording` is a key
+    of WORDINGS: how facts, steps and the answer are written (the question sentence is the same).
     """
+    if wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {tuple(WORDINGS)}, got {wording!r}")
     if num_records < 0:
         raise ValueError(f"num_records must be >= 0, got {num_records}")
     if not 1 <= min_steps <= max_steps:
@@ -205,7 +215,7 @@ def generate_prosqa(
     while len(records) < num_records:
         for _ in range(max_tries):
             n = round(rng.triangular(min_nodes, max_nodes))
-            rec = _try_record(rng, n, shape, min_steps, max_steps, names, concepts)
+            rec = _try_record(rng, n, shape, min_steps, max_steps, names, concepts, wording)
             if rec is not None:
                 records.append(rec)
                 break
