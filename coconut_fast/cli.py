@@ -26,7 +26,8 @@ def _demo(args) -> int:
 def _generate(args) -> int:
     from .data.prosqa import generate_prosqa, write_json
 
-    records = generate_prosqa(args.n, seed=args.seed, min_steps=args.min_steps, max_steps=args.max_steps)
+    records = generate_prosqa(args.n, seed=args.seed, min_steps=args.min_steps, max_steps=args.max_steps,
+                              wording=args.wording)
     write_json(records, args.out)
     print(f"wrote {len(records)} ProsQA-style records to {args.out}")
     return 0
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--min-steps", type=int, default=3)
     gen.add_argument("--max-steps", type=int, default=6)
+    gen.add_argument("--wording", choices=("prosqa", "terse"), default="prosqa",
+                     help="facts as the official data writes them ('Rex is a brompus.') or tersely ('Rex brompus.')")
     gen.add_argument("--out", required=True, help="output JSON path")
     gen.set_defaults(func=_generate)
 

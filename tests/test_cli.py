@@ -21,6 +21,10 @@ def test_generate_data_and_stats(tmp_path, capsys):
     assert main(["stats", str(path)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["records"] == 25 and 3 <= stats["steps_mean"] <= 6
+    terse = tmp_path / "terse.json"
+    assert main(["generate-data", "--n", "25", "--seed", "3", "--wording", "terse", "--out", str(terse)]) == 0
+    assert [r["steps"][0].replace(" is a ", " ") for r in records] == [r["steps"][0] for r in load_records(terse)]
+    assert all(" is a " not in r["question"] for r in load_records(terse))
 
 
 def length_parity_judge(text: str, answer: str) -> bool:
