@@ -54,8 +54,8 @@ class DemoConfig:
     max_latent_stage: int = 1
     # CoT and every latent stage but the last train epochs_per_stage epochs; the last stage trains what is left
     # of num_epochs (as the official num_epochs cuts it short), one epoch when num_epochs is 0
-    epochs_per_stage: int = 4
-    num_epochs: int = 6
+    epochs_per_stage: int = 5
+    num_epochs: int = 7
     batch_size: int = 128
     lr: float = 3e-3
     lr_scheduler: str = "constant"

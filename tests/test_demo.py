@@ -152,7 +152,7 @@ def test_miniature_demo_trains_parallel_thoughts(tmp_path, capsys):
 
 
 def test_demo_epochs_train_each_stage(tmp_path):
-    assert total_epochs(DemoConfig()) == 6  # the default: 4 epochs of CoT, 2 of the latent stage
+    assert total_epochs(DemoConfig()) == 7  # the default: 5 epochs of CoT, 2 of the latent stage
     assert total_epochs(DemoConfig(epochs_per_stage=8, num_epochs=0)) == 9
     assert total_epochs(DemoConfig(epochs_per_stage=3, max_latent_stage=2, num_epochs=0)) == 7
     assert total_epochs(DemoConfig(epochs_per_stage=3, num_epochs=5)) == 5
