@@ -52,10 +52,11 @@ class DemoConfig:
     wording: str = "terse"
     c_thought: int = 1
     max_latent_stage: int = 1
-    # CoT and every latent stage but the last train epochs_per_stage epochs; the last stage trains what is left
-    # of num_epochs (as the official num_epochs cuts it short), one epoch when num_epochs is 0
-    epochs_per_stage: int = 5
-    num_epochs: int = 7
+    # CoT and every latent stage but the last train epochs_per_stage epochs, the last stage last_stage_epochs;
+    # num_epochs, when set, is the whole run instead (as the official num_epochs cuts the last stage short)
+    epochs_per_stage: int = 8
+    last_stage_epochs: int = 2
+    num_epochs: int = 0
     batch_size: int = 128
     lr: float = 3e-3
     lr_scheduler: str = "constant"
@@ -78,8 +79,8 @@ class DemoConfig:
 
 
 def total_epochs(cfg: DemoConfig) -> int:
-    """Epochs of the whole curriculum: num_epochs, or full stages before the last and one epoch of it."""
-    return cfg.num_epochs or cfg.max_latent_stage * cfg.epochs_per_stage + 1
+    """Epochs of the whole curriculum: num_epochs, or full stages before the last and last_stage_epochs of it."""
+    return cfg.num_epochs or cfg.max_latent_stage * cfg.epochs_per_stage + cfg.last_stage_epochs
 
 
 def _check_config(cfg: DemoConfig) -> None:
@@ -87,6 +88,9 @@ def _check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"max_latent_stage must be >= 1 (a latent stage to compare with CoT), got {cfg.max_latent_stage}")
     if cfg.epochs_per_stage < 1:
         raise ValueError(f"epochs_per_stage must be >= 1, got {cfg.epochs_per_stage}")
+    if not cfg.num_epochs and not 1 <= cfg.last_stage_epochs <= cfg.epochs_per_stage:
+        raise ValueError(f"last_stage_epochs must be in 1..epochs_per_stage ({cfg.epochs_per_stage}), so that no "
+                         f"epoch goes past the last stage, got {cfg.last_stage_epochs}")
     before_last = cfg.max_latent_stage * cfg.epochs_per_stage
     if cfg.num_epochs and not before_last < cfg.num_epochs <= before_last + cfg.epochs_per_stage:
         raise ValueError(f"num_epochs ({cfg.num_epochs}) must exceed max_latent_stage x epochs_per_stage "
@@ -264,7 +268,7 @@ def not_converged_message(results: dict) -> str:
         return ""
     return "\n".join(lines + [
         "The stages are not compared: a model that has not learned the task says nothing about the thoughts.",
-        "Try more epochs (--epochs-per-stage, --num-epochs) or data (--train-records), another --seed, "
+        "Try more epochs (--epochs-per-stage, --last-stage-epochs) or data (--train-records), another --seed, "
         "or a larger --lr."])
 
 

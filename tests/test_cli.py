@@ -41,7 +41,7 @@ def test_demo_reports_the_accuracy_of_its_own_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_module, "answer_matches", length_parity_judge)
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--train-records", "24", "--valid-records", "8", "--max-latent-stage", "1",
-            "--epochs-per-stage", "1", "--num-epochs", "2", "--batch-size", "8", "--hidden", "32", "--layers", "1",
+            "--epochs-per-stage", "1", "--last-stage-epochs", "1", "--batch-size", "8", "--hidden", "32", "--layers", "1",
             "--heads", "2", "--warmup-steps", "1", "--timing-batches", "1", "--timing-batch-size", "2"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # one epoch of CoT, then the last (only) latent stage one epoch
 MINIATURE = ["--train-records", "24", "--valid-records", "4", "--max-latent-stage", "1", "--epochs-per-stage", "1",
-             "--num-epochs", "2",
+             "--last-stage-epochs", "1",
              "--batch-size", "8", "--hidden", "32", "--layers", "1", "--heads", "2",
              "--warmup-steps", "1", "--timing-batches", "2", "--threads", "1"]
 
@@ -80,7 +80,7 @@ def test_stages_that_did_not_converge_are_named_and_not_compared(tmp_path, capsy
     assert results["converged"] == {"cot": False, "coconut": False} and results["answer_time"] is None
     assert f"CoT (stage 0) did not converge: {results['cot']['accuracy']:.1%} held-out accuracy after epoch 1" in printed
     assert "Coconut (stage 1) did not converge" in printed
-    assert "Try more epochs (--epochs-per-stage, --num-epochs)" in printed and "another --seed" in printed
+    assert "Try more epochs (--epochs-per-stage, --last-stage-epochs)" in printed and "another --seed" in printed
     # no comparison as if it were a finding
     assert "CoT (stage 0, written steps)" not in printed and "answer time" not in printed
 
@@ -131,7 +131,7 @@ def test_cot_answers_are_timed_on_the_stage_0_checkpoint(tmp_path, high_accuracy
 
     monkeypatch.setattr(CoconutModel, "from_pretrained", classmethod(from_pretrained))
     run_demo(DemoConfig(out=str(tmp_path / "demo"), train_records=24, valid_records=4, epochs_per_stage=1,
-                        num_epochs=2, batch_size=8, hidden=32, layers=1, warmup_steps=1, timing_batches=1,
+                        last_stage_epochs=1, batch_size=8, hidden=32, layers=1, warmup_steps=1, timing_batches=1,
                         answer_repeats=1))
     assert loaded == [str(tmp_path / "demo" / "train" / "checkpoint_1")]
 
@@ -152,13 +152,15 @@ def test_miniature_demo_trains_parallel_thoughts(tmp_path, capsys):
 
 
 def test_demo_epochs_train_each_stage(tmp_path):
-    assert total_epochs(DemoConfig()) == 7  # the default: 5 epochs of CoT, 2 of the latent stage
-    assert total_epochs(DemoConfig(epochs_per_stage=8, num_epochs=0)) == 9
-    assert total_epochs(DemoConfig(epochs_per_stage=3, max_latent_stage=2, num_epochs=0)) == 7
+    assert total_epochs(DemoConfig()) == 10  # the default: 8 epochs of CoT, 2 of the latent stage
+    assert total_epochs(DemoConfig(epochs_per_stage=5)) == 7
+    assert total_epochs(DemoConfig(epochs_per_stage=3, max_latent_stage=2, last_stage_epochs=1)) == 7
     assert total_epochs(DemoConfig(epochs_per_stage=3, num_epochs=5)) == 5
     with pytest.raises(ValueError, match=r"num_epochs \(2\) must exceed max_latent_stage x epochs_per_stage \(1 x 2\)"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), epochs_per_stage=2, num_epochs=2))
     with pytest.raises(ValueError, match=r"num_epochs \(5\) .* be at most 4, so that no epoch goes past it"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), epochs_per_stage=2, num_epochs=5))
+    with pytest.raises(ValueError, match=r"last_stage_epochs must be in 1..epochs_per_stage \(1\), .* got 2"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), epochs_per_stage=1))
     with pytest.raises(ValueError, match="threads must be >= 0, got -1"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), threads=-1))
