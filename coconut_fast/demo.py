@@ -23,7 +23,7 @@ import torch
 from .data import build_training_set, default_tokenizer, generate_prosqa, stage_for_epoch
 from .data.curriculum import build_eval_example
 from .data.prosqa import write_json
-from .data.records import answer_matches, tokenize_record
+from .data.records import tokenize_record
 from .engine.layers import select_kernels
 from .model import CoconutModel
 from .prompts import left_pad
@@ -31,6 +31,7 @@ from .reference import reference_forward
 from .tiny import tiny_model
 from .training.checkpoint import checkpoint_name
 from .training.config import TrainConfig
+from .training.evaluate import score_sample, up_to_eos
 from .training.trainer import Trainer
 
 # held-out accuracy a stage must reach to count as trained; the two-option questions give 50% by chance
@@ -85,7 +86,8 @@ def total_epochs(cfg: DemoConfig) -> int:
 
 def _check_config(cfg: DemoConfig) -> None:
     if cfg.max_latent_stage < 1:
-        raise ValueError(f"max_latent_stage must be >= 1 (a latent stage to compare with CoT), got {cfg.max_latent_stage}")
+        raise ValueError(f"max_latent_stage must be >= 1 (a latent stage to compare with CoT), "
+                         f"got {cfg.max_latent_stage}")
     if cfg.epochs_per_stage < 1:
         raise ValueError(f"epochs_per_stage must be >= 1, got {cfg.epochs_per_stage}")
     if not cfg.num_epochs and not 1 <= cfg.last_stage_epochs <= cfg.epochs_per_stage:
@@ -139,14 +141,11 @@ def _time_answers(cm: CoconutModel, records: list[dict], stage: int, curriculum,
                 seconds.append(time.perf_counter() - start)
     cm.train(was_training)
     new = sequences[:, input_ids.shape[1]:].tolist()
-    tokens, correct = [], 0
-    for prompt, row, record in zip(prompts, new, records):
-        row = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
-        tokens.append(len(row))
-        correct += answer_matches(tok.decode(prompt + row, skip_special_tokens=True), record["answer"])
-    median = statistics.median(seconds)
-    return {"ms_per_question": 1000 * median / len(records), "seconds": seconds,
-            "generated_tokens": sum(tokens) / len(tokens), "accuracy": correct / len(records)}
+    scored = [score_sample(tok, prompt, up_to_eos(row, tok.eos_token_id), record, i, cm.latent_ids.latent)
+              for i, (prompt, row, record) in enumerate(zip(prompts, new, records))]
+    return {"ms_per_question": 1000 * statistics.median(seconds) / len(records), "seconds": seconds,
+            "generated_tokens": statistics.fmean(s["generated_tokens"] for s in scored),
+            "accuracy": statistics.fmean(s["correct"] for s in scored)}
 
 
 def answer_time(models: dict[str, tuple[CoconutModel, int]], records: list[dict], curriculum, repeats: int,
@@ -192,8 +191,9 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     model = tiny_model(cfg.family, len(tok), seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                        context=512)
     print(f"data: {len(train)} train / {len(valid)} held-out ProsQA-style questions ({cfg.min_steps}-{cfg.max_steps} "
-          f"steps, {cfg.wording} wording, e.g. {valid[0]['question']!r}) in {out}; vocabulary {len(tok)}; model: {cfg.family} "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; torch threads {torch.get_num_threads()}")
+          f"steps, {cfg.wording} wording, e.g. {valid[0]['question']!r}) in {out}; vocabulary {len(tok)}; "
+          f"model: {cfg.family} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"torch threads {torch.get_num_threads()}")
 
     config = TrainConfig(
         save_path=str(out), name="train", coconut=True, c_thought=cfg.c_thought, epochs_per_stage=cfg.epochs_per_stage,
@@ -212,7 +212,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     last_stage = stage_for_epoch(trainer.curriculum, last_epoch - 1)
     thoughts = last_stage * cfg.c_thought
     cot = {"epoch": cot_epoch, "stage": 0, **_eval_row(trainer.save_dir, cot_epoch)}
-    coconut = {"epoch": last_epoch, "stage": last_stage, "thoughts": thoughts, **_eval_row(trainer.save_dir, last_epoch)}
+    coconut = {"epoch": last_epoch, "stage": last_stage, "thoughts": thoughts,
+               **_eval_row(trainer.save_dir, last_epoch)}
     converged = {"cot": cot["accuracy"] >= CONVERGED, "coconut": coconut["accuracy"] >= CONVERGED}
 
     answers = None

@@ -152,7 +152,8 @@ def frontier_masses(probs: torch.Tensor, token_ids: list[int], lead: list[int], 
 
 
 def read_step(graph: ProsQAGraph, text: str) -> dict:
-    """The nodes a language step "[Every] A is a B." (or tersely "[Every] A B.") names, and whether A -> B is an edge of the graph.
+    """The nodes a language step "[Every] A is a B." (or tersely "[Every] A B.") names, and whether A -> B is an
+    edge of the graph.
 
     `subject`/`object` are node indices (None when the word is not a node or the step has another form)."""
     words = text.replace("#", " ").strip().rstrip(".").split()

@@ -32,7 +32,7 @@ FACT_ENTITY = "{} is a {}."
 FACT_CONCEPT = "Every {} is a {}."
 # (entity fact, concept fact) per wording: "prosqa" as the official data; "terse" puts each concept right
 # after the word it belongs to ("Rex brompus.", "Every brompus trampus."), a binding a small model from
-# scratch learns in a few hundred steps, where "is a" between them takes it thousands
+# scratch learns in a few hundred steps; "is a" between them delays it by a seed-dependent 600 to 1,000+
 WORDINGS = {"prosqa": (FACT_ENTITY, FACT_CONCEPT), "terse": ("{} {}.", "Every {} {}.")}
 
 

@@ -21,7 +21,7 @@ from ..prompts import left_pad
 from .distributed import DistContext, SyncedForward, all_reduce, gather_objects
 
 
-def _new_tokens(row: list[int], eos_id: int | None) -> list[int]:
+def up_to_eos(row: list[int], eos_id: int | None) -> list[int]:
     """Generated tokens up to and including the first EOS."""
     return row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row
 
@@ -78,7 +78,7 @@ def evaluate_generation(coconut, records: list[dict], tokenized: list[TokenizedR
                            for i, k in zip(chunk, out.num_thoughts.tolist())]
             rows = out.sequences[:, out.prompt_length :].tolist()
             for i, prompt, row in zip(chunk, prompts, rows):
-                samples.append(score_sample(tok, prompt, _new_tokens(row, tok.eos_token_id), records[i], i, ids.latent))
+                samples.append(score_sample(tok, prompt, up_to_eos(row, tok.eos_token_id), records[i], i, ids.latent))
             bar.update(len(chunk))
     bar.close()
     coconut.train(was_training)
