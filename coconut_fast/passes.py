@@ -47,10 +47,9 @@ class Backbone:
         passes then take the 2D padding mask and the model builds each pass's mask itself."""
         if self.sliding:
             return None
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None,
-            position_ids=position_ids, allow_is_causal_skip=False,
-        )
+        # the cache goes fourth by position: transformers 5.24 names it `cache`, 5.17-5.23 `past_key_values`
+        mask = create_causal_mask(self.config, embeds, attention_mask, None, position_ids=position_ids,
+                                  allow_is_causal_skip=False)
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
 
     def __call__(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
