@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from .engine import LLM, SamplingParams
 from .passes import run_passes
-from .prompts import build_prompts, default_position_ids, left_pad
+from .prompts import build_prompts, check_num_thoughts_arg, default_position_ids, left_pad
 from .sampling import logits_warpers
 
 BACKENDS = ("torch", "paged")
@@ -69,6 +69,8 @@ def prepare(coconut, input_ids, attention_mask, num_thoughts, max_new_tokens, eo
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
+    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}) (the pad after each EOS), got {pad!r}")
     if do_sample:
         logits_warpers(temperature, top_k, top_p)  # checks the three values
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -109,6 +111,7 @@ def generate(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_num_thoughts_arg(num_thoughts)
     auto = num_thoughts == "auto"
     if auto:
         check_auto(coconut, max_thoughts, switch_threshold)

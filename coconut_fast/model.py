@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from transformers.utils import ModelOutput
 from . import generation
 from . import tokens
 from .families import FAMILIES
-from .io import publish_directory
+from .io import publish_files
 from .losses import causal_lm_linear_loss, causal_lm_loss
 from .parallel_latent import run_jacobi
 from .passes import (Backbone, hf_checkpointing_off, latent_layout, layers_to_checkpoint, run_passes,
@@ -85,7 +86,15 @@ class CoconutModel(nn.Module):
         `official_checkpoint` loads a state dict saved by the official Coconut code on top.
         """
         if isinstance(path_or_model, (str, os.PathLike)):
-            model = AutoModelForCausalLM.from_pretrained(path_or_model, **model_kwargs)
+            check_model_source(path_or_model, tokenizer)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path_or_model, **model_kwargs)
+            except OSError as e:
+                if Path(path_or_model).exists():
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise FileNotFoundError(f"{str(path_or_model)!r} is no local model directory, and as a hub id it "
+                                        f"failed: {first}") from e
             tokenizer = path_or_model if tokenizer is None else tokenizer
         elif isinstance(path_or_model, PreTrainedModel):
             if model_kwargs:
@@ -113,22 +122,33 @@ class CoconutModel(nn.Module):
         return coconut
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write weights (safetensors), config and tokenizer; the directory appears whole or not at all."""
+        """Write weights (safetensors), config, tokenizer and the Coconut config into `save_directory`, as HF's
+        `save_pretrained` does: the directory is created if needed, its other files stay. Every file is written
+        whole first and then renamed into place (fsynced), so a failure leaves the previous files as they were."""
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"save_directory {str(target)!r} is a file; give a directory to save into")
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".coconut-save-", dir=target))
         try:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            config = {"latent_tokens": list(LATENT_TOKENS), **self.latent_ids.__dict__}
-            if self.switch_head is not None:
-                self.switch_head.save(tmp)
-                config["switch_head"] = self.switch_head.config
-            with open(tmp / COCONUT_CONFIG, "w") as f:
-                json.dump(config, f, indent=2)
-            publish_directory(tmp, target)
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.write_coconut_files(staging)
+            written = publish_files(staging, target)
+            remove_stale_weight_files(target, {p.name for p in written})
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def write_coconut_files(self, directory: str | os.PathLike) -> None:
+        """What a directory needs beside the HF weights and config to load as this model: the tokenizer, the
+        Coconut config (latent token ids, the switch head's kind) and the switch head's weights."""
+        directory = Path(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        config = {"latent_tokens": list(LATENT_TOKENS), **self.latent_ids.__dict__}
+        if self.switch_head is not None:
+            self.switch_head.save(directory)
+            config["switch_head"] = self.switch_head.config
+        (directory / COCONUT_CONFIG).write_text(json.dumps(config, indent=2))
 
     def add_switch_head(self, kind: str = "linear") -> SwitchHead:
         """A new switch head (`"linear"` or `"mlp"`) on the model's device and dtype; replaces any earlier one."""
@@ -282,3 +302,35 @@ class CoconutModel(nn.Module):
             max_new_tokens=max_new_tokens, **kwargs,
         )
 
+
+WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+
+
+def remove_stale_weight_files(directory: Path, written: set[str]) -> None:
+    """Weight files of an earlier save in another layout (one file vs shards), as HF's save_pretrained removes
+    them, so the directory never mixes two sets of weights. Nothing else is touched."""
+    for path in directory.iterdir():
+        if path.is_file() and WEIGHT_FILE.match(path.name) and path.name not in written:
+            path.unlink()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def check_model_source(source, tokenizer) -> None:
+    """A local model directory must exist, hold config.json, and hold tokenizer files unless a tokenizer is given.
+    A name that is not a local path and reads as a hub id ("org/name") is left to transformers."""
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and HUB_ID.match(source) and not source.startswith("."):
+            return
+        raise FileNotFoundError(f"model directory {str(source)!r} does not exist (give a directory written by "
+                                "save_pretrained, a checkpoint, or `coconut-fast fetch-model`)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model path {str(source)!r} is a file; give the directory that holds config.json")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(source)!r} is not a model directory: it has no config.json")
+    if tokenizer is None and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model directory {str(source)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "pass tokenizer= (a tokenizer or its directory)")

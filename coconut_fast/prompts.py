@@ -40,6 +40,26 @@ def check_num_thoughts(k, index) -> None:
         raise ValueError(f"num_thoughts[{index}] must be an integer >= 0, got {k!r}")
 
 
+NUM_THOUGHTS_FORMS = ("an integer >= 0 (thoughts appended to every prompt), a list of them (one per prompt), None "
+                      "(the prompts carry their <bot> … <eot> blocks) or 'auto' (the switch head decides)")
+
+
+def check_num_thoughts_arg(num_thoughts) -> None:
+    """`num_thoughts` of generate: one of NUM_THOUGHTS_FORMS; anything else is a ValueError that says so."""
+    if num_thoughts is None or (isinstance(num_thoughts, str) and num_thoughts == "auto"):
+        return
+    if isinstance(num_thoughts, (list, tuple)):
+        for i, k in enumerate(num_thoughts):
+            if k is not None:
+                check_num_thoughts(k, i)
+        return
+    if isinstance(num_thoughts, int) and not isinstance(num_thoughts, bool) and num_thoughts >= 0:
+        return
+    hint = " (the learned count is spelled 'auto')" if isinstance(num_thoughts, str) and \
+        num_thoughts.strip().lower() == "auto" else ""
+    raise ValueError(f"num_thoughts must be {NUM_THOUGHTS_FORMS}; got {num_thoughts!r}{hint}")
+
+
 def with_thoughts(prompt: list[int], k: int | None, ids: LatentIds, index: int) -> tuple[list[int], int]:
     """The prompt with its latent block and its number of thoughts: `k=None` keeps the blocks it carries (the
     official format); an int appends `<bot> <latent>*k <eot>` to a prompt without one."""

@@ -97,4 +97,13 @@ def coconut_config_head(directory: str | Path, config_file: str) -> dict | None:
     path = Path(directory) / config_file
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("switch_head")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid Coconut config ({e}); save the model again or remove the file") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a valid Coconut config (expected a JSON object, got {type(config).__name__})")
+    head = config.get("switch_head")
+    if head is not None and not (isinstance(head, dict) and {"kind", "hidden_size"} <= head.keys()):
+        raise ValueError(f"{path}: its switch_head entry must be an object with 'kind' and 'hidden_size', got {head!r}")
+    return head

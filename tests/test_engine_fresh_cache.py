@@ -64,8 +64,30 @@ def load_official_checkpoint(cm, seed, tmp_path):
     cm.load_official_checkpoint(tmp_path / "checkpoint_1")
 
 
+def data_write(cm, seed):
+    """Through `.data`: autograd's view of the tensor, whose writes bump no version counter."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in cm.model.parameters():
+        p.data.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def fused_optimizer_step(cm, seed):
+    opt = torch.optim.AdamW(cm.model.parameters(), lr=0.05, fused=True)  # writes bump no version counter
+    gen = torch.Generator().manual_seed(seed)
+    for p in cm.model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
+def one_embedding_row(cm, seed):
+    """One row of the embedding matrix (a prompt's first token), through `.data`."""
+    emb = cm.model.get_input_embeddings().weight
+    emb.data[QUESTIONS[0][0]] = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(seed))
+
+
 CHANGES = {"add_": add_noise, "optimizer": optimizer_step, "load_state_dict": load_state_dict,
-           "official_checkpoint": load_official_checkpoint}
+           "official_checkpoint": load_official_checkpoint, "data": data_write, "fused_optimizer": fused_optimizer_step,
+           "one_row": one_embedding_row}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -207,3 +229,25 @@ def test_bad_token_ids_are_named_by_both_backends(backend):
         cm.generate(ids.float(), mask, num_thoughts=COUNTS, max_new_tokens=2, backend=backend)
     with pytest.raises(TypeError, match="torch.bool"):
         cm.generate(ids.bool(), mask, num_thoughts=COUNTS, max_new_tokens=2, backend=backend)
+
+
+@pytest.mark.parametrize("write", ["neg", "one_element", "scale", "swap_rows"])
+def test_the_value_fingerprint_sees_writes_no_version_counter_records(write):
+    from coconut_fast.engine.weights import WeightState
+
+    cm = engine_model("llama")
+    before = WeightState.of(cm.model)
+    assert WeightState.of(cm.model).same_values(before)  # deterministic for unchanged weights
+    weight = cm.model.model.layers[0].mlp.down_proj.weight
+    if write == "neg":
+        weight.data.neg_()
+    elif write == "one_element":
+        weight.data[3, 5] += 1e-3
+    elif write == "scale":
+        weight.data.mul_(1.01)
+    else:  # two rows of the embedding swapped: its sum and norm stay, the row-weighted sum does not
+        emb = cm.model.get_input_embeddings().weight.data
+        emb[[1, 2]] = emb[[2, 1]].clone()
+    after = WeightState.of(cm.model)
+    assert after.versions == before.versions and after.same_storage(before)
+    assert not after.same_values(before)

@@ -49,3 +49,21 @@ def test_generate_paged_picks_triton_and_equals_torch_backend():
     assert engine_for(cm).runner.kernels.name == "triton"  # kernels="auto" where Triton runs
     assert torch.equal(paged.sequences, reference.sequences)
     assert (paged.thoughts - reference.thoughts).abs().max() <= 1e-5 * reference.thoughts.abs().max()
+
+
+def test_bfloat16_under_the_interpreter_takes_the_torch_kernels_or_is_refused():
+    """The interpreter computes bfloat16 wrongly (all-zero tokens): "auto" picks the torch kernels there, and an
+    explicit "triton" says why it cannot."""
+    from coconut_fast.generation import engine_for
+    from coconut_fast.prompts import left_pad
+
+    if torch.cuda.is_available():
+        pytest.skip("the Triton kernels are compiled on a GPU, not interpreted")
+    cm = engine_model("llama")
+    cm.to(torch.bfloat16)
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [1, 2, 3]], cm.tokenizer.pad_token_id)
+    paged = cm.generate(ids, mask, num_thoughts=2, max_new_tokens=4, backend="paged")
+    assert engine_for(cm).runner.kernels.name == "torch"
+    assert torch.equal(paged, cm.generate(ids, mask, num_thoughts=2, max_new_tokens=4, backend="torch"))
+    with pytest.raises(ValueError, match="interpreter.*computes bfloat16 wrongly; use kernels='torch'"):
+        LLM(cm, num_blocks=8, kernels="triton")

@@ -1,4 +1,7 @@
 """CoconutModel loading, saving, official checkpoints, special tokens and input errors."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,6 +124,77 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.fixture
+def umask_027():
+    before = os.umask(0o027)
+    yield 0o027
+    os.umask(before)
+
+
+def test_save_into_an_existing_directory_keeps_its_other_files(tmp_path):
+    target = tmp_path / "model"
+    (target / "notes").mkdir(parents=True)
+    (target / "README.md").write_text("mine")
+    (target / "notes" / "a.txt").write_text("kept")
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"an earlier sharded save")
+    (target / "model.safetensors.index.json").write_text("{}")
+    inode = target.stat().st_ino
+    make_coconut("gpt2").save_pretrained(target)
+    assert (target / "README.md").read_text() == "mine" and (target / "notes" / "a.txt").read_text() == "kept"
+    # the weights of the earlier layout go, as HF's save_pretrained removes them: one set of weights only
+    assert not (target / "model-00001-of-00002.safetensors").exists()
+    assert not (target / "model.safetensors.index.json").exists()
+    assert target.stat().st_ino == inode  # the directory itself is never replaced: no moment without it
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no staging area left
+    CoconutModel.from_pretrained(target)
+
+
+def test_saved_files_and_directories_follow_the_umask(tmp_path, umask_027):
+    make_coconut("gpt2").save_pretrained(tmp_path / "new" / "model")
+    assert (tmp_path / "new" / "model").stat().st_mode & 0o777 == 0o750
+    for name in ("model.safetensors", "config.json", "coconut_config.json", "tokenizer.json"):
+        assert (tmp_path / "new" / "model" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_save_into_a_file_path_is_an_error_and_keeps_the_file(tmp_path):
+    path = tmp_path / "model"
+    path.write_text("a file")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        make_coconut("gpt2").save_pretrained(path)
+    assert path.read_text() == "a file"
+
+
+def test_save_into_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cm = make_coconut("llama")
+    cm.save_pretrained(".")
+    loaded = CoconutModel.from_pretrained(str(tmp_path))
+    assert torch.equal(loaded.model.get_input_embeddings().weight, cm.model.get_input_embeddings().weight)
+
+
+def test_each_file_is_renamed_into_place_after_it_was_written_whole(tmp_path, monkeypatch):
+    """Every rename lands a complete, fsynced file in the target; at each moment the target holds a loadable
+    model (the old files, the new ones, or a mix of whole files of the same model)."""
+    import coconut_fast.io as io
+
+    cm = make_coconut("gpt2")
+    target = tmp_path / "model"
+    cm.save_pretrained(target)
+    synced, renames, replace = set(), [], os.replace
+    monkeypatch.setattr(io, "fsync_path", lambda path: synced.add(str(path)))
+
+    def checked_replace(src, dst):
+        assert str(src) in synced, f"{src} renamed before it was fsynced"
+        renames.append(Path(dst).name)
+        replace(src, dst)
+        CoconutModel.from_pretrained(target)
+
+    monkeypatch.setattr(io.os, "replace", checked_replace)
+    cm.save_pretrained(target)
+    assert {"model.safetensors", "config.json", "coconut_config.json"} <= set(renames)
+    assert str(target) in synced  # the directory entry of each rename, too
+
+
 # ------------------------------------------------------------------ official checkpoints
 def official_state(cm):
     state = {"base_causallm." + k: v.clone() for k, v in cm.model.state_dict().items()}
@@ -186,8 +260,10 @@ def test_generate_errors():
         cm.generate(ids[:0], num_thoughts=1)
     with pytest.raises(ValueError, match="empty prompt"):
         cm.generate(ids[:, :0], num_thoughts=1)
-    with pytest.raises(ValueError, match=r"num_thoughts\[0\] must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"num_thoughts must be an integer >= 0 .*; got -1"):
         cm.generate(ids, mask, num_thoughts=-1)
+    with pytest.raises(ValueError, match=r"num_thoughts\[1\] must be an integer >= 0, got -1"):
+        cm.generate(ids, mask, num_thoughts=[1, -1])
     with pytest.raises(ValueError, match="2 entries for a batch of 3"):
         cm.generate(torch.cat([ids, ids[:1]]), num_thoughts=[1, 2])
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):

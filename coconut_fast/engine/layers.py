@@ -15,11 +15,17 @@ FUSED_MAX_ROWS = 256
 CUDA_KERNEL_NAMES = ("write_kv", "rope_write_kv", "paged_decode_attention", "latent_feedback")
 
 
-def select_kernels(choice: str = "auto") -> SimpleNamespace:
+def interpreter_miscomputes(device, dtype) -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1 without a GPU) computes bfloat16 wrongly: all-zero outputs."""
+    return device is not None and torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+
+def select_kernels(choice: str = "auto", device=None, dtype: torch.dtype | None = None) -> SimpleNamespace:
     """The kernels under the kernel names: "triton", "torch" (the references), "cuda" (the compiled
     extension's kernels for the cache writes, decode attention and latent feedback; Triton for the rest).
 
-    "auto" takes Triton when it can run here (CUDA, or the interpreter with TRITON_INTERPRET=1), else torch.
+    "auto" takes Triton when it can run here (CUDA, or the interpreter with TRITON_INTERPRET=1) on a model of
+    `device` and `dtype`, else torch: a bfloat16 model on CPU gets torch, as the interpreter miscomputes bfloat16.
     """
     from .. import kernels
 
@@ -32,6 +38,12 @@ def select_kernels(choice: str = "auto") -> SimpleNamespace:
     if use_triton and not kernels.triton_enabled():
         raise ValueError(f"kernels={choice!r} needs triton and a CUDA device (or TRITON_INTERPRET=1); "
                          "use kernels='torch' or 'auto'")
+    if use_triton and interpreter_miscomputes(device, dtype):
+        if choice != "auto":
+            raise ValueError(f"kernels={choice!r} on a bfloat16 model on CPU runs in Triton's interpreter "
+                             "(TRITON_INTERPRET=1), which computes bfloat16 wrongly; use kernels='torch' or 'auto', "
+                             "or a float32 / float16 model")
+        use_triton = False
     suffix = "" if use_triton else "_reference"
     chosen = {n: getattr(kernels, n + suffix) for n in KERNEL_NAMES}
     if choice == "cuda":
@@ -67,22 +79,29 @@ class PagedAttention:
         self.scale = scale
 
     def __call__(self, q, k, v, k_cache, v_cache, meta: StepMetadata, rope=None, check: bool = True) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D]; `rope` = (cos, sin) tables for the Llama family."""
-        ops, nd = self.kernels, meta.num_decode
+        """q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D]; `rope` = (cos, sin) tables for the Llama family.
+
+        Every K/V the step writes is in the cache before any row attends: a single-position row may read a
+        prompt block that another request's prefill row of the same step writes (a shared prefix admitted in
+        this step), so the prefill rows' cache write comes first. The single-position rows write only their
+        own tail blocks, which no other row reads, so their append may stay inside the attention launch."""
+        ops, nd, T = self.kernels, meta.num_decode, q.shape[0]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if nd:
-            ops.paged_decode_attention(
-                q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.scale, out=out[:nd],
-                new_kv=(k[:nd], v[:nd], meta.slot_mapping[:nd]),
-                rope=None if rope is None else (meta.positions[:nd], *rope), max_context=meta.max_context,
-                check=check)
-        if nd < q.shape[0]:
+        rows = None
+        if nd < T:
             slots = meta.slot_mapping[nd:]
             if rope is None:
                 ops.write_kv(k[nd:], v[nd:], k_cache, v_cache, slots)
                 rows = q[nd:]
             else:
                 rows = ops.rope_write_kv(q[nd:], k[nd:], v[nd:], k_cache, v_cache, slots, meta.positions[nd:], *rope)
+        if nd:
+            ops.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.scale, out=out[:nd],
+                new_kv=(k[:nd], v[:nd], meta.slot_mapping[:nd]),
+                rope=None if rope is None else (meta.positions[:nd], *rope), max_context=meta.max_context,
+                check=check)
+        if rows is not None:
             ops.paged_prefill_attention(rows, k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens,
                                         meta.context_lens[nd:], self.scale, out=out[nd:])
         return out

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..prompts import check_token_ids, prompt_token_ids
+from ..prompts import check_num_thoughts_arg, prompt_token_ids
 from .block_manager import BlockAllocator
 from .kv_cache import num_cache_blocks
 from .model_runner import ModelRunner
 from .models import sliding_window
 from .scheduler import Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence
+from .weights import WeightState, active_dropout
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -50,6 +51,7 @@ class LLM:
                           max_num_batched_tokens=max_num_batched_tokens)
         self.build()
         self.next_request_id = 0
+        self.requests: dict[int, Sequence] = {}  # unfinished requests queued with add_request, by id
 
     def build(self) -> None:
         """Allocator, scheduler and runner (cache pools, graphs) over the model's current weights."""
@@ -59,7 +61,7 @@ class LLM:
                                   self.options["kernels"], self.options["cuda_graphs"])
         self.scheduler = Scheduler(self.allocator, o["max_num_seqs"], o["max_num_batched_tokens"],
                                    self.runner.loop_rows)
-        self.weights = weight_fingerprint(causal_lm)
+        self.weights = WeightState.of(causal_lm)
 
     # ------------------------------------------------------------ the model under the engine
     def reset_prefix_cache(self) -> None:
@@ -69,25 +71,28 @@ class LLM:
     def sync_with_model(self) -> None:
         """Before new requests: refuse a model with active dropout, and never serve K/V of other weights.
 
-        In-place weight updates (optimizer steps, `load_state_dict`, `p.add_` under no_grad) bump the
-        parameters' version counters but keep their storage, so the kernels and captured CUDA graphs read the
-        new values: only the prompt blocks cached under the old weights are dropped. New storage (a parameter
-        replaced, `load_state_dict(assign=True)`) rebuilds the runner, whose graphs hold the old pointers.
-        Writes that bump no version counter (through `.data`, fused optimizers) are not seen: call
-        `reset_prefix_cache()` after them.
+        New storage (a parameter replaced, `load_state_dict(assign=True)`) rebuilds the runner, whose kernels and
+        graphs hold the old pointers. The same storage with other values (optimizer steps, `load_state_dict`,
+        writes through `.data`, fused optimizers) drops the prompt blocks cached under the old values; the
+        kernels and captured graphs read the new ones where they are. Values are compared through a fingerprint
+        (`weights.py`) when the engine is idle; while requests are in flight only the version counters are read,
+        and a change there is an error.
         """
         dropout = active_dropout(self.coconut.model)
         if dropout:
             raise ValueError(f"the paged engine is for inference, but the model is in training mode with dropout in "
                              f"{', '.join(dropout[:3])}{' ...' if len(dropout) > 3 else ''}: call .eval() on the model "
                              "first, or generate with backend='torch'")
-        now = weight_fingerprint(self.coconut.model)
-        if now == self.weights:
+        busy = self.has_unfinished()
+        now = WeightState.of(self.coconut.model, with_values=not busy)
+        if now.same_storage(self.weights) and now.same_values(self.weights):
+            if now.fingerprint is not None:
+                self.weights = now
             return
-        if self.has_unfinished():
+        if busy:
             raise RuntimeError("the model's weights changed while requests were in flight; finish or abort them "
                                "before changing the weights")
-        if [ptr for ptr, _ in now] != [ptr for ptr, _ in self.weights]:
+        if not now.same_storage(self.weights):
             self.build()
         else:
             self.reset_prefix_cache()
@@ -103,13 +108,24 @@ class LLM:
         return self.scheduler.stats
 
     # ------------------------------------------------------------ requests and steps
-    def add_request(self, prompt: list[int], sampling: SamplingParams | None = None) -> int:
-        """Queue a prompt (token ids with its latent block); returns its request id."""
+    def add_request(self, prompt, sampling: SamplingParams | None = None) -> int:
+        """Queue a prompt (text, or token ids that carry their `<bot> … <eot>` block, if any); returns its request
+        id. The prompt is checked as `generate` checks it."""
         self.sync_with_model()
-        check_token_ids(prompt, self.runner.embed.weight.shape[0], self.next_request_id)
-        seq = self.new_sequence(prompt, sampling)
+        ids, vocab = self.coconut.latent_ids, self.runner.embed.weight.shape[0]
+        tokens = prompt_token_ids(prompt, None, ids, self.coconut.tokenizer, vocab, self.next_request_id)
+        seq = self.new_sequence(tokens, sampling)
         self.scheduler.add(seq)
+        self.requests[seq.seq_id] = seq
         return seq.seq_id
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a queued or running request and free its blocks; False when it is unknown or already finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.finish_reason is not None:
+            return False
+        self.scheduler.abort(seq)
+        return True
 
     def new_sequence(self, prompt: list[int], sampling: SamplingParams | None = None,
                      auto: tuple[int, float] | None = None) -> Sequence:
@@ -161,7 +177,10 @@ class LLM:
         except BaseException:  # an error or an interrupt: the step's prompt blocks were not (all) written
             self.scheduler.step_failed()
             raise
-        return [self.output(seq) for seq in self.scheduler.postprocess(step, output)]
+        finished = self.scheduler.postprocess(step, output)
+        for seq in finished:
+            self.requests.pop(seq.seq_id, None)
+        return [self.output(seq) for seq in finished]
 
     def output(self, seq: Sequence) -> RequestOutput:
         hidden = self.runner.embed.weight.shape[1]
@@ -184,6 +203,7 @@ class LLM:
         stops thinking moves on to `<eot>` in the next step while the others keep thinking. Requests with a
         learned count run single latent steps (no captured multi-step thought loop).
         """
+        check_num_thoughts_arg(num_thoughts)
         auto = None
         if num_thoughts == "auto":
             check_auto(self.coconut, max_thoughts, switch_threshold)
@@ -208,6 +228,9 @@ class LLM:
                          use_tqdm: bool = False, auto: tuple[int, float] | None = None) -> list[RequestOutput]:
         """`generate` for token-id prompts already checked and carrying their latent blocks (with `auto`: ending at
         `<bot>`), one sampling each."""
+        if self.requests:
+            raise RuntimeError(f"{len(self.requests)} request(s) queued with add_request are unfinished; generate() "
+                               "would run them and drop their outputs: step() until they finish, or abort() them")
         self.sync_with_model()
         seqs = [self.new_sequence(p, s, auto) for p, s in zip(prompts, params)]  # all checked before any runs
         for seq in seqs:
@@ -234,18 +257,3 @@ def check_auto(coconut, max_thoughts, switch_threshold) -> None:
         raise ValueError(f"num_thoughts='auto' needs max_thoughts, an integer >= 0, got {max_thoughts!r}")
     if isinstance(switch_threshold, bool) or not isinstance(switch_threshold, (int, float)):
         raise ValueError(f"switch_threshold must be a number, got {switch_threshold!r}")
-
-
-def weight_fingerprint(model) -> list[tuple[int, int]]:
-    """(storage pointer, in-place version) of every parameter: changes when the weights are updated or replaced."""
-    return [(p.data_ptr(), p._version) for p in model.parameters()]
-
-
-def active_dropout(model) -> list[str]:
-    """Names of the modules that would drop activations now (training mode and a probability > 0)."""
-    names = []
-    for name, module in model.named_modules():
-        p = module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "attention_dropout", 0.0)
-        if module.training and isinstance(p, (int, float)) and p > 0:
-            names.append(name or type(module).__name__)
-    return names

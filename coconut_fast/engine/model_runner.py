@@ -36,7 +36,7 @@ class ModelRunner:
         self.model = causal_lm
         self.device = causal_lm.device
         self.dtype = causal_lm.get_input_embeddings().weight.dtype
-        self.kernels = select_kernels(kernels)
+        self.kernels = select_kernels(kernels, self.device, self.dtype)
         self.forward = build_forward(causal_lm, self.kernels, max_positions)
         self.embed = causal_lm.get_input_embeddings()
         self.lm_head = causal_lm.get_output_embeddings()

@@ -26,6 +26,7 @@ class StepRecord:
     phases: dict[Phase, int]
     num_tokens: int
     num_preempted: int
+    num_cached_tokens: int = 0  # prompt positions of the requests admitted here found in cached blocks
 
     @property
     def mixed(self) -> bool:
@@ -105,6 +106,7 @@ class Scheduler:
             self.allocator.append(seq, end)
             scheduled.append((seq, end))
         num_tokens = sum(end - seq.num_computed for seq, end in scheduled)
+        num_cached = 0
         # a step that had to preempt admits nobody: the freed blocks go to the running requests
         while self.waiting and not preempted and len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -118,11 +120,13 @@ class Scheduler:
             self.allocator.allocate(seq, end)
             seq.status = Status.RUNNING
             num_tokens += end - seq.num_computed
+            num_cached += seq.num_cached_tokens
             scheduled.append((seq, end))
         self.running = [seq for seq, _ in scheduled]
         if not scheduled:
             return None
-        self.stats.steps.append(StepRecord(Counter(seq.phase for seq, _ in scheduled), num_tokens, preempted))
+        self.stats.steps.append(StepRecord(Counter(seq.phase for seq, _ in scheduled), num_tokens, preempted,
+                                           num_cached))
         step = ScheduledStep(scheduled, self.latent_steps(scheduled))
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
         return step

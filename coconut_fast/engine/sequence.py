@@ -46,6 +46,17 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        eos = self.eos_token_ids
+        if eos is not None:
+            if not isinstance(eos, (tuple, list)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                            for t in eos):
+                raise ValueError(f"eos_token_ids must be None (the tokenizer's EOS) or a tuple of token ids, for one "
+                                 f"id (60,); got {eos!r}")
+            object.__setattr__(self, "eos_token_ids", tuple(eos))  # hashable, like the other fields
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         if self.do_sample:
             logits_warpers(self.temperature, self.top_k, self.top_p)  # validates the three values
 

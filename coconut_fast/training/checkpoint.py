@@ -3,8 +3,9 @@
 A checkpoint is a directory `checkpoint_{epoch}` (end of an epoch; `epoch` epochs done, the official
 name) or `checkpoint_{epoch}_{step}` (`step` micro-batches into the next epoch), holding:
 
-    model.safetensors   the HF model's weights (tied copies stored once), with config.json and the
-                        tokenizer files, so `CoconutModel.from_pretrained(dir)` loads it
+    model.safetensors   the HF model's weights (tied copies stored once), with config.json, the
+                        tokenizer files and the Coconut config (and switch head), so
+                        `CoconutModel.from_pretrained(dir)` loads the model save_pretrained would write
     optimizer.pt        AdamW state (a full, unsharded state dict also under FSDP2)
     rng_rank{r}.pt      python, numpy, torch and CUDA random states of rank r
     trainer_state.json  epoch, step in epoch, optimizer steps, best accuracy, data-order settings;
@@ -180,17 +181,14 @@ def save_checkpoint(save_dir: str | os.PathLike, name: str, coconut: torch.nn.Mo
             hf = coconut.model
             save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             hf.config.save_pretrained(tmp)
-            if getattr(coconut, "tokenizer", None) is not None:
-                coconut.tokenizer.save_pretrained(tmp)
-            if getattr(coconut, "switch_head", None) is not None:  # read back by the trainer's add_switch_head
-                coconut.switch_head.save(tmp)
+            if getattr(hf, "generation_config", None) is not None:
+                hf.generation_config.save_pretrained(tmp)
+            coconut.write_coconut_files(tmp)  # so the checkpoint loads as save_pretrained's directory does
             if optim_state is not None:
                 torch.save(optim_state, tmp / OPTIMIZER_FILE)
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump(trainer_state, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            publish_directory(tmp, final)
+            publish_directory(tmp, final)  # every file fsynced first
         except Exception as e:  # noqa: BLE001
             error = e
     failed = all_reduce([0.0 if error is None else 1.0], ctx)[0] > 0

@@ -31,6 +31,8 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
 def run(args) -> int:
     import torch.distributed as dist
 
+    from .config import TrainingDataError
+    from .run_lock import RunLockedError
     from .trainer import train
 
     try:
@@ -40,6 +42,9 @@ def run(args) -> int:
         return 2
     try:
         results = train(config)
+    except (TrainingDataError, RunLockedError) as e:  # what the user must change, said in one line
+        print(f"coconut-fast train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

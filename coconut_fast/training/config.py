@@ -6,6 +6,7 @@ their paths. Unknown keys are an error that names them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 LATENT_MODES = ("sequential", "parallel")
 SWITCH_HEADS = (False, True, "linear", "mlp")
 TINY_SIZE_KEYS = ("hidden", "layers", "heads", "context")
+
+
+class TrainingDataError(ValueError):
+    """A data file or record the run cannot use (missing, malformed, longer than the model's context)."""
 
 
 @dataclass
@@ -177,6 +182,8 @@ class TrainConfig:
     def _validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and f.name != "icot_removal_smoothing_lambda":
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
             expected = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list}.get(f.type)
             if f.type in ("str | None", "int | None", "bool | None", "float | None"):
                 expected = {"str | None": str, "int | None": int, "bool | None": bool, "float | None": float}[f.type]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
+import io
 import json
 import logging
 import math
@@ -23,12 +24,13 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..data.collator import CoconutCollator
-from ..data.curriculum import build_training_set, icot_scheduled_removal, stage_for_epoch
+from ..data.curriculum import build_training_example, build_training_set, icot_scheduled_removal, stage_for_epoch
 from ..data.records import check_tokenization, load_records, tokenize_record
+from ..io import write_text_atomic
 from ..model import OFFICIAL_PREFIX, CoconutModel
 from ..switch_head import SWITCH_HEAD_FILE, check_kind
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, TrainingDataError
 from .distributed import (
     DistContext,
     all_reduce,
@@ -41,6 +43,7 @@ from .distributed import (
     wrap_model,
 )
 from .evaluate import evaluate_generation, evaluate_loss
+from .run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +125,65 @@ def _embedding_rows(state: dict, model) -> int | None:
 
 
 # ---------------------------------------------------------------------- data
-def _records(path, given, limit):
-    records = given if given is not None else (load_records(path) if path else None)
-    return records[:limit] if records is not None and limit else records
+def _records(key: str, path, given, limit):
+    """The records of `key` (train_path / val_path): given in memory, or read and checked from the file."""
+    if given is None and path:
+        if not Path(path).is_file():
+            raise TrainingDataError(f"{key} {str(path)!r}: no such file")
+        try:
+            given = load_records(path)
+        except ValueError as e:
+            raise TrainingDataError(f"{key} {str(path)!r}: {e}") from None
+    return given[:limit] if given is not None and limit else given
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_lengths(train_tok, val_tok, curriculum, ids, context: int | None, config: TrainConfig) -> None:
+    """Every sequence the run will build fits the model's context: each training record at its longest stage
+    (question, latent span, remaining steps, answer) and each validation question with the longest latent span
+    and the generated tokens. The first record that does not fit is named."""
+    if context is None:
+        return
+    most_latents = curriculum.max_latent_stage * curriculum.thoughts_per_step + 2
+    rng = random.Random(0)
+    for rec in train_tok:
+        bound = len(rec.question) + most_latents + sum(len(s) for s in rec.steps) + len(rec.answer)
+        if bound <= context:
+            continue
+        for stage in range(curriculum.max_latent_stage + 2):  # the exact lengths of the stages this run can use
+            n = len(build_training_example(rec, stage, curriculum, ids, rng)["input_ids"])
+            if n > context:
+                raise TrainingDataError(
+                    f"training record {rec.idx}: {n} tokens at stage {stage} (question {len(rec.question)} tokens) "
+                    f"exceed the model's context of {context} positions; shorten or drop the record")
+    for rec in val_tok:
+        n = len(rec.question) + most_latents + config.generation_tokens
+        if n > context:
+            raise TrainingDataError(
+                f"validation record {rec.idx}: its question ({len(rec.question)} tokens) with the latent span and "
+                f"{config.generation_tokens} generated tokens needs {n} positions, more than the model's context of "
+                f"{context}; shorten or drop the record, or lower max_new_tokens")
+
+
+def prune_log(path: Path, global_step: int) -> None:
+    """Drop the rows of a CSV log past `global_step` (logged before a crash, after the checkpoint resumed from),
+    so the resumed run logs each step once. Rewritten atomically."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = [r for r in rows if not (r.get("global_step") or "").isdigit() or int(r["global_step"]) <= global_step]
+    if len(kept) == len(rows) or fields is None:
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    write_text_atomic(path, out.getvalue())
 
 
 def _tokenize(records, tokenizer):
@@ -179,11 +238,27 @@ class Trainer:
         self.config = config
         self.ctx: DistContext = init_distributed(config.device)
         seed_everything(config.seed)
+        # the data first: a missing or malformed file is an error before any directory or model exists
+        debug_train, debug_val = (DEBUG_TRAIN, DEBUG_VAL) if config.debug else (None, None)
+        self.train_records = None if config.only_eval else _records("train_path", config.train_path, train_records,
+                                                                    debug_train)
+        if not config.only_eval and not self.train_records:
+            raise TrainingDataError("no training data: set train_path (or pass train_records)")
+        self.val_records = _records("val_path", config.val_path, val_records, debug_val)
         self.save_dir = config.save_dir
+        self.lock = None
         if self.ctx.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock.acquire(self.save_dir)  # one trainer per run directory
         barrier(self.ctx)
+        try:
+            self._setup(model, tokenizer)
+        except BaseException:
+            self.close()
+            raise
 
+    def _setup(self, model, tokenizer) -> None:
+        config = self.config
         # where to start: the newest checkpoint in save_dir (auto-resume), else `resume` epochs skipped
         self.start_epoch, self.start_step, self.global_step = config.resume, 0, 0
         self.best_acc, self.optimizer_stage, self.loss_sums = 0.0, None, [0.0, 0]
@@ -214,15 +289,12 @@ class Trainer:
         self.tokenizer = self.coconut.tokenizer
         self.ids = self.coconut.latent_ids
 
-        debug_train, debug_val = (DEBUG_TRAIN, DEBUG_VAL) if config.debug else (None, None)
-        self.train_records = None if config.only_eval else _records(config.train_path, train_records, debug_train)
-        if not config.only_eval and not self.train_records:
-            raise ValueError("no training data: set train_path (or pass train_records)")
-        self.val_records = _records(config.val_path, val_records, debug_val)
         self.train_tok = _tokenize(self.train_records, self.tokenizer)
         self.val_tok = _tokenize(self.val_records, self.tokenizer)
         self.collate = CoconutCollator(self.tokenizer.pad_token_id, self.ids.latent)
         self.curriculum = config.curriculum
+        check_lengths(self.train_tok, self.val_tok, self.curriculum, self.ids, context_length(self.coconut.model),
+                      config)
 
         self.optimizer = None
         self.optimizer_builds = 0
@@ -236,6 +308,9 @@ class Trainer:
         self.train_log = self.eval_log = self.tensorboard = None
         if self.ctx.is_main:
             log_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_dir is not None:  # rows logged after the checkpoint are logged again from it
+                for name in ("train_log.csv", "eval_log.csv"):
+                    prune_log(log_dir / name, self.global_step)
             if not config.only_eval:
                 self.train_log = CSVLog(log_dir / "train_log.csv", TRAIN_LOG_FIELDS)
             self.eval_log = CSVLog(log_dir / "eval_log.csv", EVAL_LOG_FIELDS)
@@ -245,6 +320,16 @@ class Trainer:
                 except ImportError as e:
                     raise ImportError("tensorboard: True needs the tensorboard package (pip install tensorboard)") from e
                 self.tensorboard = SummaryWriter(str(log_dir / "tensorboard"))
+
+    def close(self) -> None:
+        """Close the logs and give up the run directory (run() does this when it ends)."""
+        for log in (getattr(self, "train_log", None), getattr(self, "eval_log", None)):
+            if log is not None:
+                log.close()
+        if getattr(self, "tensorboard", None) is not None:
+            self.tensorboard.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ setup pieces
     def _read_resume_state(self, state: dict) -> None:
@@ -340,6 +425,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         c = self.config
         results = {"save_dir": str(self.save_dir), "epochs": [], "step_losses": [], "stopped_early": False}
         self.checkpoints = []
@@ -375,11 +466,6 @@ class Trainer:
                 break
         results.update(global_step=self.global_step, best_accuracy=self.best_acc, checkpoints=self.checkpoints,
                        world_size=self.ctx.world_size)
-        for log in (self.train_log, self.eval_log):
-            if log is not None:
-                log.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
         return results
 
     def _train_epoch(self, epoch: int, stage: int, row: dict, results: dict) -> bool:
